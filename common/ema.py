@@ -1,0 +1,73 @@
+"""Exponential moving average of model weights, safe for DDP and for FSDP2's sharded parameters.
+
+The average is kept for trainable parameters only (for LoRA: just the adapters) and updated in place
+on each process's local data with one fused `torch._foreach_lerp_`: with FSDP2 each rank averages
+its own shard and nothing is gathered until the model is saved. No host synchronisation happens in
+`update()`, so it costs almost nothing per step.
+"""
+
+from contextlib import contextmanager
+
+import torch
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor this process holds: the local shard of a DTensor, the tensor itself otherwise."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+class EMA:
+    """`ema = decay * ema + (1 - decay) * weights` after every optimizer step.
+
+    With `warmup=True` the decay starts small and grows as (1 + n) / (10 + n) towards `decay`, so
+    the average is not dominated by the random initial weights early in a run.
+    """
+
+    def __init__(self, parameters, decay: float = 0.999, warmup: bool = True):
+        self.parameters = [p for p in parameters if p.requires_grad]
+        self.decay = decay
+        self.warmup = warmup
+        self.num_updates = 0
+        self.shadow = [_local(p).detach().clone().float() for p in self.parameters]
+
+    def current_decay(self) -> float:
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+
+    @torch.no_grad()
+    def update(self) -> None:
+        weight = 1.0 - self.current_decay()
+        local = [_local(p).detach() for p in self.parameters]
+        if any(t.dtype != torch.float32 for t in local):
+            local = [t.float() for t in local]
+        torch._foreach_lerp_(self.shadow, local, weight)
+        self.num_updates += 1
+
+    @torch.no_grad()
+    def copy_to(self, parameters=None) -> None:
+        """Overwrite the parameters with the averaged weights."""
+        for p, avg in zip(parameters or self.parameters, self.shadow):
+            _local(p).copy_(avg)
+
+    @contextmanager
+    def swapped_in(self):
+        """Evaluate with the averaged weights, then put the training weights back exactly."""
+        backup = [_local(p).detach().clone() for p in self.parameters]
+        self.copy_to()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, saved in zip(self.parameters, backup):
+                    _local(p).copy_(saved)
+
+    # Registered with `accelerator.register_for_checkpointing`, so save_state/load_state carry it.
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": [t.clone() for t in self.shadow]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay = state["decay"]
+        self.num_updates = state["num_updates"]
+        for avg, saved in zip(self.shadow, state["shadow"]):
+            avg.copy_(saved)

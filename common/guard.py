@@ -1,0 +1,148 @@
+"""The non-finite guard: skip NaN/Inf updates, fall back to fp32 with an LR backoff, stop if it persists.
+
+How it works, and why this way:
+
+* Every micro-batch's loss is recorded and every update's clipped gradient norm is checked on the
+  device. A non-finite update is skipped *on the device*, through the `found_inf` tensor that
+  PyTorch's fused optimizers accept (the mechanism GradScaler uses): the optimizer leaves the weights
+  and its moments untouched and there is no host synchronisation per step.
+* The decision is identical on every process: the gradient norm is already all-reduced, and the
+  per-process loss flag is all-reduced too, so a NaN on one rank makes every rank skip.
+* Under fp16 a GradScaler skip for inf gradients is normal loss scaling, not an event; only a
+  non-finite loss is. Under bf16/fp32 both a non-finite loss and a non-finite gradient norm are.
+* `poll()` reads the device counters (one host sync) and acts; the loop calls it where it syncs
+  anyway, at logging intervals. On the first event the run switches to fp32 for good and the base LR
+  is multiplied by `backoff`; the loop multiplies its schedule by `guard.lr_scale`, so the schedule
+  keeps the backoff. After `max_consecutive` non-finite updates in a row in fp32 it raises.
+
+Turning mixed precision off mid-run needs more than `AutocastKwargs(enabled=False)`: Accelerate's
+`prepare()` wrapped `model.forward` in its own autocast, which would win. `disable_mixed_precision`
+removes that wrapper, turns off `accelerator.autocast()` and the GradScaler, and upcasts any
+half-precision weights and optimizer state.
+"""
+
+import torch
+import torch.distributed as dist
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Raised when updates stay non-finite in fp32: the run cannot make progress."""
+
+
+def _inner_optimizer(optimizer):
+    while hasattr(optimizer, "optimizer"):  # accelerate's AcceleratedOptimizer wraps the torch one
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def disable_mixed_precision(accelerator, model) -> None:
+    """Make every later forward and backward of `model` run in fp32, whatever `prepare()` set up."""
+    unwrapped = accelerator.unwrap_model(model, keep_fp32_wrapper=True)
+    # prepare() stored the original bound forward and put an autocast-wrapped one in the instance dict;
+    # dropping both makes attribute lookup find the class's plain forward again.
+    if unwrapped.__dict__.pop("_original_forward", None) is not None:
+        unwrapped.__dict__.pop("forward", None)
+    accelerator.native_amp = False  # accelerator.autocast() becomes a no-op
+    accelerator.scaler = None  # accelerator.backward() stops scaling the loss
+    for opt in accelerator._optimizers:
+        opt.scaler = None  # AcceleratedOptimizer.step() stops going through the scaler
+    with torch.no_grad():
+        for tensor in list(unwrapped.parameters()) + list(unwrapped.buffers()):
+            if tensor.dtype in (torch.float16, torch.bfloat16):
+                tensor.data = tensor.data.float()
+        for opt in accelerator._optimizers:
+            for state in _inner_optimizer(opt).state.values():
+                for key, value in state.items():
+                    if torch.is_tensor(value) and value.dtype in (torch.float16, torch.bfloat16):
+                        state[key] = value.float()
+
+
+class NonFiniteGuard:
+    def __init__(self, accelerator, model, optimizer, backoff: float = 0.5, max_consecutive: int = 5):
+        if not getattr(_inner_optimizer(optimizer), "_step_supports_amp_scaling", False):
+            raise ValueError(
+                "the non-finite guard skips updates through the optimizer's found_inf input; "
+                "use a fused optimizer, e.g. torch.optim.AdamW(..., fused=True)"
+            )
+        self.accelerator = accelerator
+        self.model = model
+        self.optimizer = optimizer
+        self.backoff = backoff
+        self.max_consecutive = max_consecutive
+        device = accelerator.device
+        # Device-side counters: written every update without a host sync, read by poll().
+        self.nonfinite_total = torch.zeros((), dtype=torch.int64, device=device)
+        self.nonfinite_in_a_row = torch.zeros((), dtype=torch.int64, device=device)
+        self._window_loss_finite = torch.ones((), dtype=torch.bool, device=device)
+        # Host-side state: what has been acted on.
+        self.events_handled = 0
+        self.lr_scale = 1.0
+        self.fallback_step: int | None = None
+
+    @property
+    def fell_back(self) -> bool:
+        return self.fallback_step is not None
+
+    def record_loss(self, loss: torch.Tensor) -> None:
+        """Call after every micro-batch's backward: remembers whether any loss in this update was non-finite."""
+        self._window_loss_finite &= torch.isfinite(loss.detach()).all()
+
+    def mask_nonfinite_update(self, grad_norm: torch.Tensor) -> torch.Tensor:
+        """Call on sync steps after clipping: makes the coming optimizer.step() a no-op if the update is bad.
+
+        Returns the device bool "this update is finite", identical on every process.
+        """
+        finite = self._window_loss_finite.clone()
+        self._window_loss_finite.fill_(True)
+        if self.accelerator.scaler is None:  # under fp16 the scaler owns inf gradients
+            finite &= torch.isfinite(grad_norm.detach().to(finite.device))
+        if self.accelerator.num_processes > 1:
+            flag = finite.to(torch.int32)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            finite = flag.bool()
+        bad = (~finite).to(torch.int64)
+        self.nonfinite_total += bad
+        self.nonfinite_in_a_row.mul_(bad).add_(bad)
+        # Fused optimizers skip the whole update (weights, moments, step count) when found_inf != 0.
+        # Under fp16 the GradScaler sets found_inf itself; a non-finite loss gives it inf gradients too.
+        _inner_optimizer(self.optimizer).found_inf = (~finite).float()
+        return finite
+
+    def poll(self, step: int) -> bool:
+        """Act on events since the last poll (one host sync). Returns True if it just fell back to fp32."""
+        total, in_a_row = (int(v) for v in torch.stack([self.nonfinite_total, self.nonfinite_in_a_row]).tolist())
+        new_events = total - self.events_handled
+        self.events_handled = total
+        if new_events == 0:
+            return False
+        if not self.fell_back:
+            self.fallback_step = step
+            self.lr_scale *= self.backoff
+            disable_mixed_precision(self.accelerator, self.model)
+            self.nonfinite_in_a_row.zero_()  # count the fp32 streak from here
+            return True
+        if in_a_row >= self.max_consecutive:
+            raise NonFiniteTrainingError(
+                f"{in_a_row} consecutive non-finite updates in fp32 (at step {step}) after the fallback at "
+                f"step {self.fallback_step}; lower --lr or check the data for NaN/Inf, then resume from the last checkpoint"
+            )
+        return False
+
+    # Registered with `accelerator.register_for_checkpointing`.
+    def state_dict(self) -> dict:
+        return {
+            "nonfinite_total": self.nonfinite_total.cpu(),
+            "nonfinite_in_a_row": self.nonfinite_in_a_row.cpu(),
+            "events_handled": self.events_handled,
+            "lr_scale": self.lr_scale,
+            "fallback_step": self.fallback_step,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.nonfinite_total.copy_(state["nonfinite_total"])
+        self.nonfinite_in_a_row.copy_(state["nonfinite_in_a_row"])
+        self.events_handled = state["events_handled"]
+        self.lr_scale = state["lr_scale"]
+        self.fallback_step = state["fallback_step"]
+        if self.fell_back:  # a resumed run stays in fp32 once it fell back
+            disable_mixed_precision(self.accelerator, self.model)

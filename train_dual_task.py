@@ -1,0 +1,664 @@
+"""Dual-task learning on NASA C-MAPSS: remaining-useful-life regression + health-state classification.
+
+One model, two heads, combined by the AMNL loss (each task loss divided by a running average of
+itself, then weighted 0.5/0.5). The same file runs on a CPU, one GPU, DDP or FSDP:
+
+    python train_dual_task.py                                    # FD001 on this machine
+    python train_dual_task.py --subset FD002 --epochs 80         # any field of Config is a flag
+    python train_dual_task.py --config configs/fd004.yaml        # or a YAML file of them
+    accelerate launch --config_file accelerate_configs/single_gpu.yaml train_dual_task.py --mixed_precision bf16
+    python train_dual_task.py --output_dir runs/x --resume_from latest
+
+Protocol: 20% of the training engines are held out for validation (split by engine). LR plateau,
+early stopping and the best checkpoint use validation only; the test set is evaluated once, at the
+end, with the best EMA weights: RMSE on each test engine's last cycle and the PHM08 score.
+
+Reading order: Config, data, model, loss, train(), evaluate(), main().
+"""
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from common.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from common.config import parse_config, save_config
+from common.ema import EMA
+from common.errors import UserError, exit_on_user_error
+from common.guard import NonFiniteGuard
+from common.run_log import MetricsLog, peak_memory_mb, prepare_output_dir, write_json
+from common.schedules import linear_warmup, set_lr, warmup_cosine
+
+INFORMATIVE_SENSORS = [2, 3, 4, 7, 8, 9, 11, 12, 13, 14, 15, 17, 20, 21]
+
+
+@dataclass
+class Config:
+    # data
+    subset: str = field(default="FD001", metadata={"help": "C-MAPSS subset", "choices": ["FD001", "FD002", "FD003", "FD004"]})
+    data_dir: str = field(default="data/cmapss", metadata={"help": "folder with {train,test,RUL}_FD00x.txt[.gz]"})
+    sensors: list[int] = field(default_factory=lambda: list(INFORMATIVE_SENSORS), metadata={"help": "sensor numbers (1-21) used as inputs"})
+    window: int = field(default=30, metadata={"help": "cycles per input window"})
+    rul_cap: int = field(default=125, metadata={"help": "piecewise-linear RUL cap, for training labels and the true test RUL"})
+    val_fraction: float = field(default=0.2, metadata={"help": "fraction of training engines held out for validation"})
+    healthy_above: int = field(default=50, metadata={"help": "RUL above this is 'healthy'"})
+    critical_at_or_below: int = field(default=15, metadata={"help": "RUL at or below this is 'critical'; between is 'degrading'"})
+    per_condition_norm: bool = field(default=True, metadata={"help": "normalise per operating condition (FD002/FD004 have six; FD001/FD003 one)"})
+    # model
+    conv_channels: int = field(default=64, metadata={"help": "Conv1d channels"})
+    kernel_size: int = field(default=5, metadata={"help": "Conv1d kernel size over time"})
+    hidden_size: int = field(default=64, metadata={"help": "GRU hidden size per direction"})
+    gru_layers: int = field(default=2, metadata={"help": "bidirectional GRU layers"})
+    dropout: float = field(default=0.2, metadata={"help": "dropout in the GRU and heads"})
+    # loss
+    failure_weight: float = field(default=1.0, metadata={"help": "RUL MSE weight grows from 1 to 1+this as RUL goes to 0"})
+    amnl_decay: float = field(default=0.99, metadata={"help": "decay of the running averages that normalise each task loss"})
+    rul_loss_weight: float = field(default=0.5, metadata={"help": "AMNL weight of the RUL task"})
+    # optimisation
+    epochs: int = field(default=60, metadata={"help": "maximum training epochs"})
+    max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0: no limit)"})
+    batch_size: int = field(default=256, metadata={"help": "windows per micro-batch per process"})
+    grad_accum_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    lr: float = field(default=2e-3, metadata={"help": "peak learning rate"})
+    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay (not on biases and norm weights)"})
+    wd_decay_epochs: list[int] = field(default_factory=lambda: [100, 200], metadata={"help": "epochs after which weight decay is multiplied..."})
+    wd_decay_factors: list[float] = field(default_factory=lambda: [0.5, 0.1], metadata={"help": "...by these factors"})
+    warmup_epochs: int = field(default=3, metadata={"help": "linear LR warmup from 0.1x to 1x over these epochs"})
+    scheduler: str = field(default="cosine", metadata={"help": "LR decay after warmup", "choices": ["cosine", "plateau"]})
+    min_lr_factor: float = field(default=0.01, metadata={"help": "lowest LR as a fraction of --lr"})
+    plateau_factor: float = field(default=0.5, metadata={"help": "plateau: multiply the LR by this..."})
+    plateau_patience: int = field(default=5, metadata={"help": "...after this many epochs without a better validation RMSE"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
+    ema_decay: float = field(default=0.995, metadata={"help": "EMA decay of the weights used for evaluation"})
+    early_stopping_patience: int = field(default=20, metadata={"help": "stop after this many epochs without a better validation RMSE"})
+    mixed_precision: str | None = field(default=None, metadata={"help": "None: what accelerate launch set, else no", "choices": ["no", "bf16", "fp16"]})
+    nan_lr_backoff: float = field(default=0.5, metadata={"help": "on the first NaN/Inf update: fp32 from then on, base LR times this"})
+    max_nonfinite_in_a_row: int = field(default=5, metadata={"help": "stop after this many non-finite updates in a row in fp32"})
+    # run
+    output_dir: str = field(default="runs/dual_task", metadata={"help": "where checkpoints, metrics, plots and results go"})
+    overwrite: bool = field(default=False, metadata={"help": "allow writing into an output_dir that holds another run"})
+    seed: int = field(default=42, metadata={"help": "seed for the split, the initialisation and the batch order"})
+    log_every: int = field(default=50, metadata={"help": "log (and check for NaN) every this many optimizer steps"})
+    checkpoint_every: int = field(default=0, metadata={"help": "also checkpoint every this many optimizer steps (0: epoch ends only)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "how many recent checkpoints to keep"})
+    resume_from: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder"})
+    report_to: str = field(default="none", metadata={"help": "Accelerate tracker: none, tensorboard, wandb, ..."})
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: read, label, split by engine, normalise on training engines, cut windows once as tensors
+# ----------------------------------------------------------------------------------------------
+
+NUM_COLUMNS = 26  # unit, cycle, 3 operational settings, 21 sensors
+HEALTH_NAMES = ["healthy", "degrading", "critical"]
+
+
+def read_table(path: Path, columns: int) -> np.ndarray:
+    """Read a whitespace-separated C-MAPSS file (.txt or .txt.gz) into a float array."""
+    if not path.is_file():
+        raise UserError(f"missing data file {path}; point --data_dir at a folder with the C-MAPSS files")
+    try:
+        table = np.loadtxt(path, ndmin=2)
+    except (ValueError, EOFError, OSError) as err:
+        raise UserError(f"{path} is malformed ({err}); each row must be {columns} space-separated numbers") from None
+    if table.size == 0:
+        raise UserError(f"{path} is empty; restore the original C-MAPSS file")
+    if table.shape[1] != columns:
+        raise UserError(f"{path} has {table.shape[1]} columns, expected {columns}; restore the original C-MAPSS file")
+    if not np.isfinite(table).all():
+        row = int(np.argwhere(~np.isfinite(table))[0, 0]) + 1
+        raise UserError(f"{path} row {row} holds NaN or Inf; fix or remove that row")
+    return table
+
+
+def rul_per_row(table: np.ndarray) -> np.ndarray:
+    """Cycles left until each engine's last recorded cycle (training engines run to failure)."""
+    units, cycles = table[:, 0], table[:, 1]
+    last_cycle = {u: cycles[units == u].max() for u in np.unique(units)}
+    return np.array([last_cycle[u] for u in units]) - cycles
+
+
+def operating_condition(table: np.ndarray) -> np.ndarray:
+    """The operating regime of each row: the three settings cluster tightly around six set points."""
+    settings = np.round(table[:, 2:5] * [1, 100, 1]).astype(np.int64)
+    return settings[:, 0] * 10**6 + settings[:, 1] * 10**3 + settings[:, 2]
+
+
+def windows_per_engine(features: np.ndarray, rul: np.ndarray, units: np.ndarray, window: int, last_only: bool):
+    """Cut sliding windows per engine (all of them, or the last); short engines are front-padded."""
+    xs, ys = [], []
+    for unit in np.unique(units):
+        rows = units == unit
+        x, y = features[rows], rul[rows]
+        if len(x) < window:
+            if not last_only:
+                raise UserError(f"training engine {int(unit)} has {len(x)} cycles, fewer than --window {window}; "
+                                f"lower --window or remove that engine")
+            x = np.concatenate([np.repeat(x[:1], window - len(x), axis=0), x])  # repeat the first cycle
+        if last_only:
+            xs.append(x[None, -window:])
+            ys.append(y[-1:])
+        else:
+            xs.append(np.lib.stride_tricks.sliding_window_view(x, window, axis=0).transpose(0, 2, 1))
+            ys.append(y[window - 1:])
+    return np.concatenate(xs).astype(np.float32), np.concatenate(ys).astype(np.float32)
+
+
+def health_state(rul: np.ndarray, cfg: Config) -> np.ndarray:
+    """0 healthy, 1 degrading, 2 critical, from the (capped) RUL."""
+    return np.where(rul > cfg.healthy_above, 0, np.where(rul > cfg.critical_at_or_below, 1, 2)).astype(np.int64)
+
+
+@dataclass
+class Split:
+    x: torch.Tensor  # (N, window, features) float32
+    rul: torch.Tensor  # (N,) float32, capped
+    health: torch.Tensor  # (N,) int64
+
+
+def load_cmapss(cfg: Config) -> dict[str, Split]:
+    data_dir = Path(cfg.data_dir)
+    if not data_dir.is_absolute() and not data_dir.exists():
+        data_dir = Path(__file__).resolve().parent / data_dir  # the copy shipped with this repo
+    if not data_dir.is_dir():
+        raise UserError(f"data folder {cfg.data_dir} not found; pass --data_dir with the C-MAPSS files")
+    if bad := [s for s in cfg.sensors if not 1 <= s <= 21]:
+        raise UserError(f"--sensors {bad} out of range; sensor numbers go from 1 to 21")
+
+    def find(name):
+        plain = data_dir / name
+        return plain if plain.is_file() or not (data_dir / f"{name}.gz").is_file() else data_dir / f"{name}.gz"
+
+    train = read_table(find(f"train_{cfg.subset}.txt"), NUM_COLUMNS)
+    test = read_table(find(f"test_{cfg.subset}.txt"), NUM_COLUMNS)
+    test_rul_last = read_table(find(f"RUL_{cfg.subset}.txt"), 1)[:, 0]
+    test_units = np.unique(test[:, 0])
+    if len(test_rul_last) != len(test_units):
+        raise UserError(f"RUL_{cfg.subset} has {len(test_rul_last)} rows for {len(test_units)} test engines; "
+                        f"restore the original files")
+
+    # Split by engine, never by window: windows of one engine are strongly correlated.
+    units = np.unique(train[:, 0])
+    rng = np.random.default_rng(cfg.seed)
+    n_val = max(1, round(cfg.val_fraction * len(units)))
+    val_units = set(rng.permutation(units)[:n_val].tolist())
+    is_val = np.isin(train[:, 0], list(val_units))
+
+    # Normalisation statistics from the training engines only, per operating condition.
+    sensor_cols = [4 + s for s in cfg.sensors]  # sensor k is column 4 + k (after unit, cycle, 3 settings)
+    conditions = {"train": operating_condition(train), "test": operating_condition(test)}
+    if not cfg.per_condition_norm:
+        conditions = {k: np.zeros_like(v) for k, v in conditions.items()}
+    fit_rows = train[~is_val][:, sensor_cols]
+    fit_cond = conditions["train"][~is_val]
+    stats = {}
+    for c in np.unique(fit_cond):
+        rows = fit_rows[fit_cond == c]
+        stats[c] = (rows.mean(0), np.where(rows.std(0) > 1e-8, rows.std(0), 1.0))
+
+    def normalise(table, cond):
+        out = np.empty((len(table), len(sensor_cols)))
+        for c in np.unique(cond):
+            if c not in stats:
+                raise UserError("an operating condition in the data never occurs in the training engines; "
+                                "run with --per_condition_norm false")
+            mean, std = stats[c]
+            out[cond == c] = (table[cond == c][:, sensor_cols] - mean) / std
+        return out
+
+    train_feat = normalise(train, conditions["train"])
+    test_feat = normalise(test, conditions["test"])
+    train_rul = np.minimum(rul_per_row(train), cfg.rul_cap)
+    # Test engines stop before failure: RUL at the last cycle is given, earlier rows count up from it.
+    true_last = dict(zip(test_units, test_rul_last))
+    test_rul = np.array([true_last[u] for u in test[:, 0]]) + rul_per_row(test)
+    test_rul = np.minimum(test_rul, cfg.rul_cap)
+
+    splits = {}
+    for name, rows, feat, rul, unit_col, last_only in [
+        ("train", ~is_val, train_feat, train_rul, train[:, 0], False),
+        ("val", is_val, train_feat, train_rul, train[:, 0], False),
+        ("test", slice(None), test_feat, test_rul, test[:, 0], True),
+    ]:
+        x, y = windows_per_engine(feat[rows], rul[rows], unit_col[rows], cfg.window, last_only)
+        splits[name] = Split(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(health_state(y, cfg)))
+    return splits
+
+
+class WindowDataset(torch.utils.data.Dataset):
+    """Windows held as tensors; `__getitems__` lets the DataLoader fetch a whole batch by one index op."""
+
+    def __init__(self, split: Split):
+        self.split = split
+
+    def __len__(self):
+        return len(self.split.rul)
+
+    def __getitem__(self, i):
+        return self.split.x[i], self.split.rul[i], self.split.health[i]
+
+    def __getitems__(self, indices):
+        idx = torch.as_tensor(indices)
+        return self.split.x[idx], self.split.rul[idx], self.split.health[idx]
+
+
+def keep_batch(batch):
+    return batch  # __getitems__ already returns batched tensors
+
+
+def make_loader(split: Split, batch_size: int, shuffle: bool, seed: int):
+    return torch.utils.data.DataLoader(
+        WindowDataset(split), batch_size=batch_size, shuffle=shuffle, collate_fn=keep_batch,
+        generator=torch.Generator().manual_seed(seed) if shuffle else None,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Model: Conv1d over time -> bidirectional GRU -> attention pooling -> RUL head + health head
+# ----------------------------------------------------------------------------------------------
+
+
+class DualTaskNet(nn.Module):
+    def __init__(self, num_features: int, cfg: Config):
+        super().__init__()
+        c, h = cfg.conv_channels, cfg.hidden_size
+        self.conv = nn.Sequential(
+            nn.Conv1d(num_features, c, cfg.kernel_size, padding=cfg.kernel_size // 2), nn.GELU(),
+            nn.Conv1d(c, c, cfg.kernel_size, padding=cfg.kernel_size // 2), nn.GELU(),
+        )
+        self.gru = nn.GRU(c, h, num_layers=cfg.gru_layers, batch_first=True, bidirectional=True,
+                          dropout=cfg.dropout if cfg.gru_layers > 1 else 0.0)
+        self.norm = nn.LayerNorm(2 * h)
+        self.attention = nn.Linear(2 * h, 1)
+        # Both heads see the attention-pooled summary and the last time step (the most recent state).
+        self.rul_head = nn.Sequential(nn.Linear(4 * h, h), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(h, 1))
+        self.health_head = nn.Sequential(nn.Linear(4 * h, h), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(h, 3))
+
+    def forward(self, x):  # x: (batch, time, features)
+        z = self.conv(x.transpose(1, 2)).transpose(1, 2)
+        z, _ = self.gru(z)
+        z = self.norm(z)
+        weights = torch.softmax(self.attention(z), dim=1)  # (batch, time, 1)
+        summary = torch.cat([(weights * z).sum(1), z[:, -1]], dim=-1)
+        return self.rul_head(summary).squeeze(-1), self.health_head(summary)  # RUL as a fraction of the cap
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss: AMNL, each task loss divided by a running average of itself, then weighted
+# ----------------------------------------------------------------------------------------------
+
+
+class AMNLLoss:
+    """`w * rul_loss / avg(rul_loss) + (1 - w) * health_loss / avg(health_loss)`.
+
+    Dividing by a running average puts both tasks on the same scale whatever their units, so neither
+    dominates. The averages are device tensors updated without a host sync, and skip non-finite
+    values so that one bad batch cannot poison them. They are saved in checkpoints.
+    """
+
+    def __init__(self, cfg: Config, device):
+        self.decay = cfg.amnl_decay
+        self.rul_weight = cfg.rul_loss_weight
+        self.failure_weight = cfg.failure_weight
+        self.averages = torch.zeros(2, device=device)  # [rul, health], bias-corrected by num_updates
+        self.num_updates = 0
+
+    def __call__(self, rul_pred, rul_true, health_logits, health_true):
+        # MSE weighted towards failure: errors near the end of life matter most (and cost most in PHM08).
+        weight = 1.0 + self.failure_weight * (1.0 - rul_true)
+        rul_loss = (weight * (rul_pred - rul_true) ** 2).mean() / weight.mean()
+        health_loss = F.cross_entropy(health_logits, health_true)
+        losses = torch.stack([rul_loss, health_loss])
+        with torch.no_grad():
+            updated = self.decay * self.averages + (1 - self.decay) * losses.detach()
+            self.averages.copy_(torch.where(torch.isfinite(losses), updated, self.averages))
+            self.num_updates += 1
+            scale = (self.averages / (1 - self.decay**self.num_updates)).clamp_min(1e-8)
+        normalised = losses / scale
+        total = self.rul_weight * normalised[0] + (1 - self.rul_weight) * normalised[1]
+        return total, losses.detach()
+
+    def state_dict(self):
+        return {"averages": self.averages.cpu(), "num_updates": self.num_updates}
+
+    def load_state_dict(self, state):
+        self.averages.copy_(state["averages"])
+        self.num_updates = state["num_updates"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Training state and schedules
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """Everything the loop needs to continue after a restart, beyond model/optimizer/RNG."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epochs completed
+    batches_done: int = 0  # micro-batches consumed in the current epoch
+    best_val_rmse: float = math.inf
+    best_epoch: int = -1
+    epochs_since_best: int = 0
+    plateau_best: float = math.inf  # ReduceLROnPlateau, written out: stateless except for these
+    plateau_bad_epochs: int = 0
+    plateau_factor: float = 1.0
+    best_weights: dict = field(default_factory=dict)  # EMA weights at the best epoch
+
+    def state_dict(self):
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state):
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+def lr_at(step: int, cfg: Config, state: TrainState, steps_per_epoch: int, total_steps: int, lr_scale: float) -> float:
+    """Base LR x backoff x schedule. Warmup goes from 0.1x to 1x; then cosine, or the plateau factor."""
+    warmup_steps = cfg.warmup_epochs * steps_per_epoch
+    if cfg.scheduler == "cosine":
+        factor = warmup_cosine(step, warmup_steps, total_steps, start_factor=0.1, final_factor=cfg.min_lr_factor)
+    else:
+        factor = linear_warmup(step, warmup_steps, start_factor=0.1) * max(state.plateau_factor, cfg.min_lr_factor)
+    return cfg.lr * lr_scale * factor
+
+
+def weight_decay_factor(epoch: int, cfg: Config) -> float:
+    """Adaptive weight decay: regularise less once the model has settled (x0.5 after 100, x0.1 after 200)."""
+    factor = 1.0
+    for after, f in zip(cfg.wd_decay_epochs, cfg.wd_decay_factors):
+        if epoch >= after:
+            factor = f
+    return factor
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases and norm weights (1-D tensors): decaying them only hurts."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [
+        {"params": decay, "weight_decay": weight_decay, "base_weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0, "base_weight_decay": 0.0},
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------
+
+
+def phm08_score(pred: torch.Tensor, true: torch.Tensor) -> float:
+    """PHM08 challenge score: late predictions (d > 0) cost more than early ones."""
+    d = pred - true
+    return torch.where(d < 0, torch.exp(-d / 13) - 1, torch.exp(d / 10) - 1).sum().item()
+
+
+@torch.no_grad()
+def evaluate(model, loader, accelerator, rul_cap: int) -> dict:
+    """RMSE and PHM08 score in cycles, health accuracy; every sample counted once across processes."""
+    model.eval()
+    preds, trues, health_hits = [], [], []
+    for x, rul, health in loader:
+        with accelerator.autocast():
+            rul_pred, health_logits = model(x)
+        rul_pred, rul, hits = accelerator.gather_for_metrics(
+            (rul_pred.float(), rul, (health_logits.argmax(-1) == health).float())
+        )
+        preds.append(rul_pred)
+        trues.append(rul)
+        health_hits.append(hits)
+    model.train()
+    pred = (torch.cat(preds) * rul_cap).clamp(0, rul_cap)  # the model predicts RUL / cap
+    true = torch.cat(trues)
+    return {
+        "rmse": torch.sqrt(((pred - true) ** 2).mean()).item(),
+        "score": phm08_score(pred, true),
+        "health_accuracy": torch.cat(health_hits).mean().item(),
+        "num_samples": len(true),
+        "pred": pred.cpu(),
+        "true": true.cpu(),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# The training loop
+# ----------------------------------------------------------------------------------------------
+
+
+def train(cfg, accelerator, model, optimizer, train_loader, val_loader, loss_fn, ema, guard, state, log, output_dir):
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    checkpointed = {"train_state": state, "ema": ema, "guard": guard, "amnl": loss_fn}
+
+    def current_lr():
+        return lr_at(state.step, cfg, state, steps_per_epoch, total_steps, guard.lr_scale)
+
+    set_lr(optimizer, current_lr())
+    # The bar shows on an interactive terminal of the main process (None: tqdm hides it when piped).
+    bar = tqdm(total=total_steps, initial=state.step, desc="train", disable=None if accelerator.is_local_main_process else True)
+    running = torch.zeros(3, device=accelerator.device)  # sums of total, RUL and health loss since last log
+    running_batches = 0
+    done = False
+    while state.epoch < cfg.epochs and not done:
+        epoch_start, samples = time.perf_counter(), 0
+        train_loader.set_epoch(state.epoch)  # a different, reproducible shuffle every epoch
+        batches = accelerator.skip_first_batches(train_loader, state.batches_done) if state.batches_done else train_loader
+        for group in optimizer.param_groups:
+            group["weight_decay"] = group["base_weight_decay"] * weight_decay_factor(state.epoch, cfg)
+        model.train()
+        for x, rul, health in batches:
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    rul_pred, health_logits = model(x)
+                loss, task_losses = loss_fn(rul_pred.float(), rul / cfg.rul_cap, health_logits.float(), health)
+                accelerator.backward(loss)
+                guard.record_loss(loss)
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    guard.mask_nonfinite_update(grad_norm)  # a NaN/Inf update becomes a no-op, on the device
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            state.batches_done += 1
+            samples += len(rul)
+            running += torch.cat([loss.detach()[None], task_losses])
+            running_batches += 1
+            if not accelerator.sync_gradients:
+                continue
+
+            state.step += 1
+            ema.update()
+            bar.update(1)
+            if state.step % cfg.log_every == 0:
+                mean = (accelerator.reduce(running, "mean") / running_batches).tolist()  # the only per-interval sync
+                running.zero_()
+                running_batches = 0
+                if guard.poll(state.step):
+                    accelerator.print(f"step {state.step}: non-finite loss/gradients; continuing in fp32 with "
+                                      f"the base LR x{guard.lr_scale:g}")
+                log.log({"train/loss": mean[0], "train/rul_loss": mean[1], "train/health_loss": mean[2],
+                         "train/grad_norm": grad_norm.item(), "train/lr": optimizer.param_groups[0]["lr"]}, state.step)
+                bar.set_postfix(loss=f"{mean[0]:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+            set_lr(optimizer, current_lr())
+            if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+                save_checkpoint(accelerator, output_dir, state.step, checkpointed, cfg.keep_checkpoints)
+            if cfg.max_steps and state.step >= cfg.max_steps:
+                done = True
+                break
+        if done and state.batches_done < len(train_loader):
+            break  # stopped mid-epoch by --max_steps: no end-of-epoch evaluation
+
+        # End of epoch: validate with the EMA weights, then plateau, early stopping, best weights.
+        guard.poll(state.step)
+        epoch_seconds = time.perf_counter() - epoch_start
+        with ema.swapped_in():
+            val = evaluate(model, val_loader, accelerator, cfg.rul_cap)
+            improved = val["rmse"] < state.best_val_rmse
+            if improved:
+                state.best_weights = {k: v.detach().clone() for k, v in accelerator.unwrap_model(model).state_dict().items()}
+        state.epoch += 1
+        state.batches_done = 0
+        if improved:
+            state.best_val_rmse, state.best_epoch, state.epochs_since_best = val["rmse"], state.epoch, 0
+        else:
+            state.epochs_since_best += 1
+        if cfg.scheduler == "plateau" and state.step >= cfg.warmup_epochs * steps_per_epoch:
+            if val["rmse"] < state.plateau_best:
+                state.plateau_best, state.plateau_bad_epochs = val["rmse"], 0
+            else:
+                state.plateau_bad_epochs += 1
+                if state.plateau_bad_epochs > cfg.plateau_patience:
+                    state.plateau_factor *= cfg.plateau_factor
+                    state.plateau_bad_epochs = 0
+            set_lr(optimizer, current_lr())
+        samples_per_second = samples * accelerator.num_processes / epoch_seconds
+        log.log({"epoch": state.epoch, "val/rmse": val["rmse"], "val/score": val["score"],
+                 "val/health_accuracy": val["health_accuracy"], "train/samples_per_second": samples_per_second,
+                 "peak_memory_mb": peak_memory_mb(accelerator.device), "train/lr": optimizer.param_groups[0]["lr"]},
+                state.step)
+        accelerator.print(f"epoch {state.epoch:3d} | val RMSE {val['rmse']:6.2f} score {val['score']:8.1f} "
+                  f"health acc {val['health_accuracy']:.3f} | best {state.best_val_rmse:6.2f} @ {state.best_epoch} | "
+                  f"lr {optimizer.param_groups[0]['lr']:.2e} | {samples_per_second:,.0f} samples/s | "
+                  f"{peak_memory_mb(accelerator.device):,.0f} MB")
+        save_checkpoint(accelerator, output_dir, state.step, checkpointed, cfg.keep_checkpoints)
+        if state.epochs_since_best >= cfg.early_stopping_patience:
+            accelerator.print(f"early stopping: no better validation RMSE for {cfg.early_stopping_patience} epochs")
+            break
+    bar.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# main: wire it together, train, restore the best weights, test once, save
+# ----------------------------------------------------------------------------------------------
+
+
+def save_plots(output_dir: Path, test: dict) -> None:
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line]
+    steps = [r for r in records if "train/loss" in r]
+    epochs = [r for r in records if "val/rmse" in r]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].plot([r["step"] for r in steps], [r["train/loss"] for r in steps])
+    axes[0].set(title="training loss (AMNL)", xlabel="optimizer step")
+    axes[1].plot([r["epoch"] for r in epochs], [r["val/rmse"] for r in epochs])
+    axes[1].set(title="validation RMSE (EMA weights)", xlabel="epoch", ylabel="cycles")
+    axes[2].plot([r["step"] for r in records if "train/lr" in r], [r["train/lr"] for r in records if "train/lr" in r])
+    axes[2].set(title="learning rate", xlabel="optimizer step")
+    fig.tight_layout()
+    fig.savefig(output_dir / "training_curves.png", dpi=100)
+    plt.close(fig)
+
+    order = torch.argsort(test["true"])
+    fig, ax = plt.subplots(figsize=(10, 4))
+    ax.plot(test["true"][order], "k-", label="true RUL (capped)")
+    ax.plot(test["pred"][order], "o", markersize=3, label="predicted RUL")
+    ax.set(title=f"test engines, last cycle: RMSE {test['rmse']:.2f}, score {test['score']:.0f}",
+           xlabel="test engine (sorted by true RUL)", ylabel="cycles")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(output_dir / "test_predictions.png", dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    cfg = parse_config(Config, argv, description=__doc__.split("\n")[0])
+    wall_start = time.perf_counter()
+    try:
+        accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(),  # lets `accelerate launch --multi_gpu` run gloo processes on CPU
+            mixed_precision=cfg.mixed_precision,
+            gradient_accumulation_steps=cfg.grad_accum_steps,
+            log_with=None if cfg.report_to == "none" else cfg.report_to,
+            project_dir=cfg.output_dir,
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        )
+    except ValueError as err:
+        raise UserError(f"{err}; choose another --mixed_precision (bf16 works on CPU)") from None
+    set_seed(cfg.seed)
+    resume_path = resolve_resume(cfg.output_dir, cfg.resume_from)
+    output_dir = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        prepare_output_dir(output_dir, resuming=cfg.resume_from is not None, overwrite=cfg.overwrite)
+        save_config(cfg, output_dir / "config.yaml")
+    accelerator.wait_for_everyone()
+
+    splits = load_cmapss(cfg)
+    accelerator.print(f"{cfg.subset}: {len(splits['train'].rul)} training windows, {len(splits['val'].rul)} "
+                      f"validation windows, {len(splits['test'].rul)} test engines, {len(cfg.sensors)} sensors")
+    train_loader = make_loader(splits["train"], cfg.batch_size, shuffle=True, seed=cfg.seed)
+    val_loader = make_loader(splits["val"], 4 * cfg.batch_size, shuffle=False, seed=cfg.seed)
+    test_loader = make_loader(splits["test"], 4 * cfg.batch_size, shuffle=False, seed=cfg.seed)
+
+    model = DualTaskNet(num_features=len(cfg.sensors), cfg=cfg)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, fused=True)
+    model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
+        model, optimizer, train_loader, val_loader, test_loader
+    )
+    loss_fn = AMNLLoss(cfg, accelerator.device)
+    ema = EMA(model.parameters(), decay=cfg.ema_decay)
+    guard = NonFiniteGuard(accelerator, model, optimizer, cfg.nan_lr_backoff, cfg.max_nonfinite_in_a_row)
+    state = TrainState()
+    if resume_path is not None:
+        load_checkpoint(accelerator, resume_path, {"train_state": state, "ema": ema, "guard": guard, "amnl": loss_fn})
+        accelerator.print(f"resumed from {resume_path} at step {state.step}, epoch {state.epoch}")
+    elif cfg.resume_from == "latest":
+        accelerator.print(f"no checkpoint in {output_dir}; starting from scratch")
+    if cfg.report_to != "none":
+        accelerator.init_trackers("dual_task", config={k: str(v) if isinstance(v, list) else v
+                                                      for k, v in dataclasses.asdict(cfg).items()})
+    log = MetricsLog(accelerator, output_dir, step_offset=state.step if resume_path else None)
+
+    train(cfg, accelerator, model, optimizer, train_loader, val_loader, loss_fn, ema, guard, state, log, output_dir)
+
+    # The best EMA weights, chosen on validation, are evaluated on the test set once.
+    if state.best_weights:
+        accelerator.unwrap_model(model).load_state_dict(state.best_weights)
+    else:
+        ema.copy_to()  # no epoch finished (e.g. a tiny --max_steps): use the current EMA weights
+    test = evaluate(model, test_loader, accelerator, cfg.rul_cap)
+    accelerator.save_model(model, output_dir)  # -> output_dir/model.safetensors
+    results = {
+        "subset": cfg.subset,
+        "test_rmse": test["rmse"],
+        "test_score": test["score"],
+        "test_health_accuracy": test["health_accuracy"],
+        "test_engines": test["num_samples"],
+        "best_val_rmse": state.best_val_rmse if state.best_epoch >= 0 else None,
+        "best_epoch": state.best_epoch,
+        "epochs_run": state.epoch,
+        "optimizer_steps": state.step,
+        "wall_seconds": time.perf_counter() - wall_start,
+        "peak_memory_mb": peak_memory_mb(accelerator.device),
+        "num_processes": accelerator.num_processes,
+        "distributed_type": str(accelerator.distributed_type.value),
+        "mixed_precision": accelerator.mixed_precision,
+        "fell_back_to_fp32_at_step": guard.fallback_step,
+        "seed": cfg.seed,
+    }
+    if accelerator.is_main_process:
+        write_json(output_dir / "results.json", results)
+        save_plots(output_dir, test)
+        print(f"test RMSE {test['rmse']:.2f} | PHM08 score {test['score']:.1f} | health accuracy "
+              f"{test['health_accuracy']:.3f} | best val RMSE {state.best_val_rmse:.2f} at epoch {state.best_epoch} "
+              f"| {results['wall_seconds']:.0f} s | results in {output_dir / 'results.json'}")
+    accelerator.end_training()
+    return results
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main)
