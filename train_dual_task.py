@@ -19,6 +19,7 @@ Reading order: Config, data, model, loss, train(), evaluate(), main().
 import dataclasses
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,7 +108,9 @@ def read_table(path: Path, columns: int) -> np.ndarray:
     if not path.is_file():
         raise UserError(f"missing data file {path}; point --data_dir at a folder with the C-MAPSS files")
     try:
-        table = np.loadtxt(path, ndmin=2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "input contained no data": reported below
+            table = np.loadtxt(path, ndmin=2)
     except (ValueError, EOFError, OSError) as err:
         raise UserError(f"{path} is malformed ({err}); each row must be {columns} space-separated numbers") from None
     if table.size == 0:
@@ -135,7 +138,7 @@ def operating_condition(table: np.ndarray) -> np.ndarray:
 
 def windows_per_engine(features: np.ndarray, rul: np.ndarray, units: np.ndarray, window: int, last_only: bool):
     """Cut sliding windows per engine (all of them, or the last); short engines are front-padded."""
-    xs, ys = [], []
+    xs, ys, ids = [], [], []
     for unit in np.unique(units):
         rows = units == unit
         x, y = features[rows], rul[rows]
@@ -150,7 +153,8 @@ def windows_per_engine(features: np.ndarray, rul: np.ndarray, units: np.ndarray,
         else:
             xs.append(np.lib.stride_tricks.sliding_window_view(x, window, axis=0).transpose(0, 2, 1))
             ys.append(y[window - 1:])
-    return np.concatenate(xs).astype(np.float32), np.concatenate(ys).astype(np.float32)
+        ids.append(np.full(len(ys[-1]), unit, dtype=np.int64))
+    return np.concatenate(xs).astype(np.float32), np.concatenate(ys).astype(np.float32), np.concatenate(ids)
 
 
 def health_state(rul: np.ndarray, cfg: Config) -> np.ndarray:
@@ -163,6 +167,7 @@ class Split:
     x: torch.Tensor  # (N, window, features) float32
     rul: torch.Tensor  # (N,) float32, capped
     health: torch.Tensor  # (N,) int64
+    unit: torch.Tensor  # (N,) engine id of each window
 
 
 def load_cmapss(cfg: Config) -> dict[str, Split]:
@@ -229,8 +234,9 @@ def load_cmapss(cfg: Config) -> dict[str, Split]:
         ("val", is_val, train_feat, train_rul, train[:, 0], False),
         ("test", slice(None), test_feat, test_rul, test[:, 0], True),
     ]:
-        x, y = windows_per_engine(feat[rows], rul[rows], unit_col[rows], cfg.window, last_only)
-        splits[name] = Split(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(health_state(y, cfg)))
+        x, y, unit = windows_per_engine(feat[rows], rul[rows], unit_col[rows], cfg.window, last_only)
+        splits[name] = Split(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(health_state(y, cfg)),
+                             torch.from_numpy(unit))
     return splits
 
 
@@ -494,8 +500,10 @@ def train(cfg, accelerator, model, optimizer, train_loader, val_loader, loss_fn,
             if cfg.max_steps and state.step >= cfg.max_steps:
                 done = True
                 break
-        if done and state.batches_done < len(train_loader):
-            break  # stopped mid-epoch by --max_steps: no end-of-epoch evaluation
+        if done and state.batches_done < len(train_loader):  # stopped mid-epoch by --max_steps
+            if not (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0):
+                save_checkpoint(accelerator, output_dir, state.step, checkpointed, cfg.keep_checkpoints)
+            break
 
         # End of epoch: validate with the EMA weights, then plateau, early stopping, best weights.
         guard.poll(state.step)
@@ -653,9 +661,9 @@ def main(argv=None):
     if accelerator.is_main_process:
         write_json(output_dir / "results.json", results)
         save_plots(output_dir, test)
+        best = f"best val RMSE {state.best_val_rmse:.2f} at epoch {state.best_epoch}" if state.best_epoch >= 0 else "no epoch finished"
         print(f"test RMSE {test['rmse']:.2f} | PHM08 score {test['score']:.1f} | health accuracy "
-              f"{test['health_accuracy']:.3f} | best val RMSE {state.best_val_rmse:.2f} at epoch {state.best_epoch} "
-              f"| {results['wall_seconds']:.0f} s | results in {output_dir / 'results.json'}")
+              f"{test['health_accuracy']:.3f} | {best} | {results['wall_seconds']:.0f} s | results in {output_dir / 'results.json'}")
     accelerator.end_training()
     return results
 

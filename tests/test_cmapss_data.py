@@ -1,0 +1,119 @@
+"""Loading the real C-MAPSS files shipped in data/cmapss/."""
+
+import gzip
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common.errors import UserError
+from train_dual_task import Config, health_state, load_cmapss
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "cmapss"
+
+
+@pytest.fixture(scope="module")
+def fd001():
+    return load_cmapss(Config(subset="FD001", data_dir=str(DATA)))
+
+
+def test_fd001_shapes_caps_and_engine_split(fd001):
+    train, val, test = fd001["train"], fd001["val"], fd001["test"]
+    # 100 engines, 20631 rows: every engine gives (cycles - 29) windows of 30 cycles.
+    assert len(train.rul) + len(val.rul) == 20631 - 100 * 29
+    assert train.x.shape[1:] == (30, 14) and test.x.shape == (100, 30, 14)
+    train_units, val_units = set(train.unit.tolist()), set(val.unit.tolist())
+    assert len(train_units) == 80 and len(val_units) == 20 and not train_units & val_units  # split by engine
+    assert train.rul.max() == 125 and train.rul.min() == 0  # piecewise-linear cap, run to failure
+    assert test.rul.max() <= 125 and test.rul.min() == 7  # RUL_FD001 spans 7..145, capped at 125
+    assert torch.isfinite(train.x).all() and torch.isfinite(test.x).all()
+
+
+def test_validation_split_depends_on_the_seed():
+    a = load_cmapss(Config(data_dir=str(DATA), seed=1))["val"].unit.unique()
+    b = load_cmapss(Config(data_dir=str(DATA), seed=2))["val"].unit.unique()
+    assert not torch.equal(a, b)
+
+
+def test_normalisation_uses_training_engines_only(fd001, tmp_path):
+    # Distort every validation engine and the whole test file: the training features must not move.
+    val_units = set(fd001["val"].unit.tolist())
+    for name in ["RUL_FD001.txt.gz"]:
+        shutil.copy(DATA / name, tmp_path / name)
+    train = np.loadtxt(DATA / "train_FD001.txt.gz")
+    train[np.isin(train[:, 0], list(val_units)), 5:] *= 3.0
+    np.savetxt(tmp_path / "train_FD001.txt", train, fmt="%.4f")
+    test = np.loadtxt(DATA / "test_FD001.txt.gz")
+    test[:, 5:] += 100.0
+    np.savetxt(tmp_path / "test_FD001.txt", test, fmt="%.4f")
+    distorted = load_cmapss(Config(data_dir=str(tmp_path)))
+    torch.testing.assert_close(distorted["train"].x, fd001["train"].x, atol=1e-3, rtol=0)
+    assert not torch.allclose(distorted["val"].x, fd001["val"].x)
+    # and the training rows are standardised by their own statistics: mean ~0, std ~1 per sensor
+    rows = torch.unique(fd001["train"].x.reshape(-1, 14), dim=0)  # every training cycle once
+    assert len(rows) == (fd001["train"].x.shape[0] + 29 * 80)
+    assert rows.mean(0).abs().max() < 0.1 and (rows.std(0) - 1).abs().max() < 0.1
+
+
+def test_fd002_pads_short_test_engines_instead_of_dropping_them():
+    data = load_cmapss(Config(subset="FD002", data_dir=str(DATA)))
+    test = data["test"]
+    assert test.x.shape == (259, 30, 14)  # all 259 test engines, 6 of them shorter than 30 cycles
+    raw = np.loadtxt(DATA / "test_FD002.txt.gz")
+    lengths = np.bincount(raw[:, 0].astype(int))[1:]
+    short = np.flatnonzero(lengths < 30)
+    assert len(short) == 6
+    for i in short:  # front-padded by repeating the first cycle
+        pad = 30 - lengths[i]
+        assert torch.equal(test.x[i, :pad], test.x[i, pad:pad + 1].expand(pad, -1))
+
+
+def test_fd002_is_normalised_per_operating_condition():
+    per_condition = load_cmapss(Config(subset="FD002", data_dir=str(DATA)))["train"].x[:, -1, :]
+    pooled = load_cmapss(Config(subset="FD002", data_dir=str(DATA), per_condition_norm=False))["train"].x[:, -1, :]
+    # Pooled statistics leave the six regimes as clusters: the sensor spread is dominated by them.
+    assert per_condition.std(0).mean() < 1.1 and pooled.std(0).mean() < 1.1
+    assert not torch.allclose(per_condition, pooled)
+
+
+def test_health_states_from_rul_thresholds():
+    rul = np.array([0, 15, 16, 50, 51, 125])
+    assert health_state(rul, Config()).tolist() == [2, 2, 1, 1, 0, 0]
+    assert health_state(rul, Config(healthy_above=100, critical_at_or_below=0)).tolist() == [2, 1, 1, 1, 1, 0]
+
+
+def write_gz(path, text):
+    with gzip.open(path, "wt") as f:
+        f.write(text)
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda d: (d / "train_FD001.txt.gz").unlink(), "missing data file"),
+        (lambda d: write_gz(d / "train_FD001.txt.gz", "1 1 0.1 abc\n"), "is malformed"),
+        (lambda d: write_gz(d / "train_FD001.txt.gz", ""), "is empty"),
+        (lambda d: write_gz(d / "train_FD001.txt.gz", "1 2 3\n4 5 6\n"), "has 3 columns, expected 26"),
+        (lambda d: write_gz(d / "train_FD001.txt.gz", " ".join(["1"] * 25 + ["nan"]) + "\n"), "holds NaN or Inf"),
+        (lambda d: write_gz(d / "RUL_FD001.txt.gz", "10\n20\n"), "has 2 rows for 100 test engines"),
+    ],
+)
+def test_bad_data_files_give_a_clear_error(tmp_path, corrupt, message):
+    for f in DATA.glob("*FD001*"):
+        shutil.copy(f, tmp_path / f.name)
+    corrupt(tmp_path)
+    with pytest.raises(UserError, match=message):
+        load_cmapss(Config(data_dir=str(tmp_path)))
+
+
+def test_a_training_engine_shorter_than_the_window_is_named(tmp_path):
+    for f in DATA.glob("*FD001*"):
+        shutil.copy(f, tmp_path / f.name)
+    train = np.loadtxt(DATA / "train_FD001.txt.gz")
+    train = train[(train[:, 0] != 7) | (train[:, 1] <= 12)]  # engine 7 keeps 12 cycles
+    np.savetxt(tmp_path / "train_FD001.txt", train, fmt="%.4f")
+    (tmp_path / "train_FD001.txt.gz").unlink()
+    with pytest.raises(UserError, match="training engine 7 has 12 cycles, fewer than --window 30"):
+        load_cmapss(Config(data_dir=str(tmp_path)))
