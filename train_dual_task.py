@@ -53,6 +53,7 @@ class Config:
     val_fraction: float = field(default=0.2, metadata={"help": "fraction of training engines held out for validation"})
     healthy_above: int = field(default=50, metadata={"help": "RUL above this is 'healthy'"})
     critical_at_or_below: int = field(default=15, metadata={"help": "RUL at or below this is 'critical'; between is 'degrading'"})
+    smoothing: float = field(default=0.05, metadata={"help": "causal exponential smoothing of the normalised sensors, weight of the newest cycle (0: off)"})
     per_condition_norm: bool = field(default=True, metadata={"help": "normalise per operating condition (FD002/FD004 have six; FD001/FD003 one)"})
     # model
     conv_channels: int = field(default=64, metadata={"help": "Conv1d channels"})
@@ -65,11 +66,11 @@ class Config:
     amnl_decay: float = field(default=0.99, metadata={"help": "decay of the running averages that normalise each task loss"})
     rul_loss_weight: float = field(default=0.5, metadata={"help": "AMNL weight of the RUL task"})
     # optimisation
-    epochs: int = field(default=60, metadata={"help": "maximum training epochs"})
+    epochs: int = field(default=20, metadata={"help": "maximum training epochs"})
     max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0: no limit)"})
     batch_size: int = field(default=256, metadata={"help": "windows per micro-batch per process"})
     grad_accum_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    lr: float = field(default=2e-3, metadata={"help": "peak learning rate"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay (not on biases and norm weights)"})
     wd_decay_epochs: list[int] = field(default_factory=lambda: [100, 200], metadata={"help": "epochs after which weight decay is multiplied..."})
     wd_decay_factors: list[float] = field(default_factory=lambda: [0.5, 0.1], metadata={"help": "...by these factors"})
@@ -100,7 +101,6 @@ class Config:
 # ----------------------------------------------------------------------------------------------
 
 NUM_COLUMNS = 26  # unit, cycle, 3 operational settings, 21 sensors
-HEALTH_NAMES = ["healthy", "degrading", "critical"]
 
 
 def read_table(path: Path, columns: int) -> np.ndarray:
@@ -134,6 +134,15 @@ def operating_condition(table: np.ndarray) -> np.ndarray:
     """The operating regime of each row: the three settings cluster tightly around six set points."""
     settings = np.round(table[:, 2:5] * [1, 100, 1]).astype(np.int64)
     return settings[:, 0] * 10**6 + settings[:, 1] * 10**3 + settings[:, 2]
+
+
+def smooth_per_engine(features: np.ndarray, units: np.ndarray, alpha: float) -> np.ndarray:
+    """Causal exponential smoothing within each engine (s_t = a x_t + (1-a) s_t-1): damps sensor noise, uses no future."""
+    out = features.copy()
+    for t in range(1, len(out)):
+        if units[t] == units[t - 1]:
+            out[t] = alpha * features[t] + (1 - alpha) * out[t - 1]
+    return out
 
 
 def windows_per_engine(features: np.ndarray, rul: np.ndarray, units: np.ndarray, window: int, last_only: bool):
@@ -222,6 +231,9 @@ def load_cmapss(cfg: Config) -> dict[str, Split]:
 
     train_feat = normalise(train, conditions["train"])
     test_feat = normalise(test, conditions["test"])
+    if cfg.smoothing > 0:
+        train_feat = smooth_per_engine(train_feat, train[:, 0], cfg.smoothing)
+        test_feat = smooth_per_engine(test_feat, test[:, 0], cfg.smoothing)
     train_rul = np.minimum(rul_per_row(train), cfg.rul_cap)
     # Test engines stop before failure: RUL at the last cycle is given, earlier rows count up from it.
     true_last = dict(zip(test_units, test_rul_last))
@@ -379,6 +391,17 @@ def lr_at(step: int, cfg: Config, state: TrainState, steps_per_epoch: int, total
     return cfg.lr * lr_scale * factor
 
 
+def step_plateau(state: TrainState, val_rmse: float, cfg: Config) -> None:
+    """ReduceLROnPlateau (mode min): multiply the LR factor by `plateau_factor` after `plateau_patience` bad epochs."""
+    if val_rmse < state.plateau_best:
+        state.plateau_best, state.plateau_bad_epochs = val_rmse, 0
+        return
+    state.plateau_bad_epochs += 1
+    if state.plateau_bad_epochs > cfg.plateau_patience:
+        state.plateau_factor *= cfg.plateau_factor
+        state.plateau_bad_epochs = 0
+
+
 def weight_decay_factor(epoch: int, cfg: Config) -> float:
     """Adaptive weight decay: regularise less once the model has settled (x0.5 after 100, x0.1 after 200)."""
     factor = 1.0
@@ -520,13 +543,7 @@ def train(cfg, accelerator, model, optimizer, train_loader, val_loader, loss_fn,
         else:
             state.epochs_since_best += 1
         if cfg.scheduler == "plateau" and state.step >= cfg.warmup_epochs * steps_per_epoch:
-            if val["rmse"] < state.plateau_best:
-                state.plateau_best, state.plateau_bad_epochs = val["rmse"], 0
-            else:
-                state.plateau_bad_epochs += 1
-                if state.plateau_bad_epochs > cfg.plateau_patience:
-                    state.plateau_factor *= cfg.plateau_factor
-                    state.plateau_bad_epochs = 0
+            step_plateau(state, val["rmse"], cfg)
             set_lr(optimizer, current_lr())
         samples_per_second = samples * accelerator.num_processes / epoch_seconds
         log.log({"epoch": state.epoch, "val/rmse": val["rmse"], "val/score": val["score"],
@@ -536,7 +553,7 @@ def train(cfg, accelerator, model, optimizer, train_loader, val_loader, loss_fn,
         accelerator.print(f"epoch {state.epoch:3d} | val RMSE {val['rmse']:6.2f} score {val['score']:8.1f} "
                   f"health acc {val['health_accuracy']:.3f} | best {state.best_val_rmse:6.2f} @ {state.best_epoch} | "
                   f"lr {optimizer.param_groups[0]['lr']:.2e} | {samples_per_second:,.0f} samples/s | "
-                  f"{peak_memory_mb(accelerator.device):,.0f} MB")
+                  f"{peak_memory_mb(accelerator.device):,.0f} MB", flush=True)
         save_checkpoint(accelerator, output_dir, state.step, checkpointed, cfg.keep_checkpoints)
         if state.epochs_since_best >= cfg.early_stopping_patience:
             accelerator.print(f"early stopping: no better validation RMSE for {cfg.early_stopping_patience} epochs")

@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from common.errors import UserError
-from train_dual_task import Config, health_state, load_cmapss
+from train_dual_task import Config, health_state, load_cmapss, smooth_per_engine
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "cmapss"
 
 
 @pytest.fixture(scope="module")
 def fd001():
-    return load_cmapss(Config(subset="FD001", data_dir=str(DATA)))
+    return load_cmapss(Config(subset="FD001", data_dir=str(DATA), smoothing=0.0))
 
 
 def test_fd001_shapes_caps_and_engine_split(fd001):
@@ -48,7 +48,7 @@ def test_normalisation_uses_training_engines_only(fd001, tmp_path):
     test = np.loadtxt(DATA / "test_FD001.txt.gz")
     test[:, 5:] += 100.0
     np.savetxt(tmp_path / "test_FD001.txt", test, fmt="%.4f")
-    distorted = load_cmapss(Config(data_dir=str(tmp_path)))
+    distorted = load_cmapss(Config(data_dir=str(tmp_path), smoothing=0.0))
     torch.testing.assert_close(distorted["train"].x, fd001["train"].x, atol=1e-3, rtol=0)
     assert not torch.allclose(distorted["val"].x, fd001["val"].x)
     # and the training rows are standardised by their own statistics: mean ~0, std ~1 per sensor
@@ -117,3 +117,18 @@ def test_a_training_engine_shorter_than_the_window_is_named(tmp_path):
     (tmp_path / "train_FD001.txt.gz").unlink()
     with pytest.raises(UserError, match="training engine 7 has 12 cycles, fewer than --window 30"):
         load_cmapss(Config(data_dir=str(tmp_path)))
+
+
+def test_smoothing_is_causal_and_stays_within_each_engine():
+    features = np.arange(12, dtype=float).reshape(6, 2)
+    units = np.array([1, 1, 1, 2, 2, 2])
+    smoothed = smooth_per_engine(features, units, alpha=0.5)
+    assert smoothed[1].tolist() == [0.5 * 2 + 0.5 * 0, 0.5 * 3 + 0.5 * 1]
+    assert smoothed[3].tolist() == features[3].tolist()  # a new engine starts afresh
+    changed = features.copy()
+    changed[2] += 100  # a later cycle never changes an earlier smoothed value
+    assert np.array_equal(smooth_per_engine(changed, units, 0.5)[:2], smoothed[:2])
+    default = load_cmapss(Config(data_dir=str(DATA)))  # smoothing 0.05 by default: the same windows, less noise
+    raw = load_cmapss(Config(data_dir=str(DATA), smoothing=0.0))
+    assert default["train"].x.shape == raw["train"].x.shape
+    assert default["train"].x.diff(dim=1).abs().mean() < 0.5 * raw["train"].x.diff(dim=1).abs().mean()

@@ -73,7 +73,8 @@ def test_resume_from_latest_continues_the_run(tmp_path):
 
 
 def test_refuses_to_mix_a_new_run_into_an_old_output_dir(tmp_path):
-    run(tmp_path, "--max_steps", "2", name="taken")
+    run(tmp_path, "--max_steps", "10", "--report_to", "tensorboard", name="taken")
+    assert list((tmp_path / "taken").rglob("events.out.tfevents*")), "tensorboard logs missing"
     with pytest.raises(train_dual_task.UserError, match="already holds a run"):
         run(tmp_path, "--max_steps", "2", name="taken")
     assert (tmp_path / "taken" / "results.json").is_file()  # nothing of the old run was touched
