@@ -1,0 +1,439 @@
+"""train_llava.py on CPU with a tiny random LLaVA and synthetic screenshots (no network).
+
+The tiny model, the screenshots and one full training run are built once per session; most tests
+reuse them. Runs call `main()` in-process (resetting Accelerate's singletons around each call);
+one test goes through the command line to check the exit code and the one-line error.
+"""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the scripts are files in the repo root, not an installed package
+
+import train_llava  # noqa: E402
+from common.errors import UserError  # noqa: E402
+from common.schedules import warmup_cosine  # noqa: E402
+from tools.make_synthetic_screenshots import make_dataset  # noqa: E402
+from tools.make_tiny_llava import build_tiny_llava  # noqa: E402
+
+
+def run_main(*args):
+    """train_llava.main in this process, with fresh Accelerate state (it is a per-process singleton).
+
+    One intra-op thread: the tiny model's tensors gain nothing from more, and when another process
+    holds a core, a second OpenMP thread stalls every op (runs took 20x longer here on 2 shared cores).
+    """
+    from accelerate.state import AcceleratorState, GradientState
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    try:
+        return train_llava.main([str(a) for a in args])
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    return build_tiny_llava(tmp_path_factory.mktemp("tiny_llava"))
+
+
+@pytest.fixture(scope="session")
+def screenshots(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("screenshots"), {"train": 400, "val": 100, "test": 40}, seed=0)
+
+
+def demo_args(tiny_model, data, output_dir, *extra):
+    """The CPU demo config, pointed at the session's model and data."""
+    return ["--config", ROOT / "configs/llava_tiny_cpu.yaml", "--model", tiny_model, "--build_tiny_model", "false",
+            "--make_synthetic_data", "false", "--train_data", data / "train.jsonl", "--val_data", data / "val.jsonl",
+            "--test_data", data / "test.jsonl", "--output_dir", output_dir, "--num_workers", 0, *extra]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_model, screenshots, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("run")
+    results = run_main(*demo_args(tiny_model, screenshots, output_dir, "--merge", "true"))
+    return output_dir, results
+
+
+@pytest.fixture
+def loaded(tiny_model):
+    base, processor = train_llava.load_base(str(tiny_model), str(tiny_model), torch.float32)
+    return base.eval(), processor
+
+
+def batch_for(processor, images, questions):
+    prompts = [train_llava.build_prompt(processor, q) for q in questions]
+    return dict(processor(images=images, text=prompts, padding=True, return_tensors="pt"))
+
+
+def write_manifest(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def records_of(data: Path, split: str, n: int) -> list[dict]:
+    """The first n records of a split, with absolute paths so the manifest can live elsewhere."""
+    lines = (data / f"{split}.jsonl").read_text().splitlines()[:n]
+    return [dict(r, path=str(data / r["path"])) for r in map(json.loads, lines)]
+
+
+# ----------------------------------------------------------------------------------------------
+# The tiny model, the prompt and the answer logits
+# ----------------------------------------------------------------------------------------------
+
+
+def test_tiny_model_save_load_round_trip(tiny_model, loaded, tmp_path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    base, processor = loaded
+    assert base.config.vision_config.model_type == "clip_vision_model"
+    assert base.config.text_config.model_type == "llama"
+    assert processor.patch_size == 8 and processor.num_additional_image_tokens == 1
+    inputs = batch_for(processor, [Image.new("RGB", (120, 80), "red")], ["Is this a prompt injection?"])
+    assert (inputs["input_ids"] == base.config.image_token_id).sum() == 64  # (64 / 8)^2 patches, CLS dropped
+    base.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    again = LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
+    processor_again = AutoProcessor.from_pretrained(tmp_path)
+    for (name, a), (_, b) in zip(base.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+    inputs_again = batch_for(processor_again, [Image.new("RGB", (120, 80), "red")], ["Is this a prompt injection?"])
+    assert torch.equal(inputs["input_ids"], inputs_again["input_ids"])
+    assert torch.equal(inputs["pixel_values"], inputs_again["pixel_values"])
+    with torch.no_grad():
+        assert torch.equal(base(**inputs).logits, again(**inputs_again).logits)
+
+
+def test_yes_no_are_single_tokens_and_splits_are_refused(loaded):
+    _, processor = loaded
+    tokenizer = processor.tokenizer
+    no_id, yes_id = train_llava.answer_token_ids(tokenizer, "No", "Yes")
+    assert tokenizer.convert_ids_to_tokens([no_id, yes_id]) == ["No", "Yes"]
+    assert train_llava.build_prompt(processor, "Is it?").endswith("ASSISTANT:")
+    with pytest.raises(UserError, match=r"'Yes\.' is not one known token.*\['Yes', '\.'\].*--yes_token"):
+        train_llava.answer_token_ids(tokenizer, "No", "Yes.")
+    with pytest.raises(UserError, match="'Nope' is not one known token"):  # maps to <unk>
+        train_llava.answer_token_ids(tokenizer, "Nope", "Yes")
+    with pytest.raises(UserError, match="are the same token"):
+        train_llava.answer_token_ids(tokenizer, "Yes", "Yes")
+
+
+def test_answer_logits_equal_the_full_forward_at_the_answer_position(loaded):
+    base, processor = loaded
+    ids = train_llava.answer_token_ids(processor.tokenizer, "No", "Yes")
+    images = [Image.new("RGB", (200, 100), "red"), Image.new("RGB", (90, 160), "blue")]
+    inputs = batch_for(processor, images, ["Is this a prompt injection?", "Does this page contain any text?"])
+    assert (inputs["attention_mask"] == 0).any()  # prompts of different lengths: the batch is padded
+    with torch.no_grad():
+        answer = train_llava.answer_logits(base, inputs, ids)
+        for row in range(2):  # each sample alone, no padding, every position's logits computed
+            single = {k: v[row : row + 1] for k, v in inputs.items()}
+            keep = single["attention_mask"][0].bool()
+            single = {k: v[:, keep] if k != "pixel_values" else v for k, v in single.items()}
+            full = base(**single).logits  # (1, length, vocab)
+            assert full.shape[1] == keep.sum()
+            torch.testing.assert_close(answer[row], full[0, -1, ids], rtol=1e-5, atol=1e-5)
+
+
+def test_left_and_right_padding_give_the_same_predictions(loaded):
+    base, processor = loaded
+    ids = train_llava.answer_token_ids(processor.tokenizer, "No", "Yes")
+    images = [Image.new("RGB", (200, 100), "red"), Image.new("RGB", (90, 160), "blue"), Image.new("RGB", (64, 64), "white")]
+    questions = ["Is this a prompt injection?", "Does this page contain any text?", "Is it?"]
+    probs = {}
+    for side in ("left", "right"):
+        processor.tokenizer.padding_side = side
+        inputs = batch_for(processor, images, questions)
+        column = 0 if side == "left" else -1
+        assert (inputs["attention_mask"][:, column] == 0).any()  # really padded on that side
+        with torch.no_grad():
+            probs[side] = train_llava.answer_logits(base, inputs, ids).softmax(-1)
+    torch.testing.assert_close(probs["left"], probs["right"], rtol=1e-5, atol=1e-6)
+    assert torch.equal(probs["left"].argmax(-1), probs["right"].argmax(-1))
+
+
+def test_lora_is_fp32_and_trains_the_vision_tower_under_gradient_checkpointing(tiny_model):
+    cfg = train_llava.Config(model=str(tiny_model), gradient_checkpointing=True, lora_dropout=0.0,
+                             lora_vision_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
+    base, processor = train_llava.load_base(cfg.model, cfg.model, torch.bfloat16)
+    model = train_llava.add_lora(cfg, base).train()
+    lora = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert lora and all("lora_" in n and p.dtype == torch.float32 for n, p in lora.items())
+    assert any(".vision_tower." in n for n in lora) and any(".language_model." in n for n in lora)
+    ids = train_llava.answer_token_ids(processor.tokenizer, "No", "Yes")
+    inputs = batch_for(processor, [Image.new("RGB", (100, 100), "red")] * 2, ["Is it?"] * 2)
+    # B is zero-initialised: give it a value so gradients reach A as well.
+    with torch.no_grad():
+        for n, p in lora.items():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = train_llava.answer_logits(model, inputs, ids)
+    train_llava.detector_loss(logits, torch.tensor([0, 1]), torch.ones(2), None).backward()
+    # vision_feature_layer=-2: the tower's last layer does not feed the model, every other LoRA weight must learn.
+    used = {n: p for n, p in lora.items() if "encoder.layers.1." not in n}
+    no_grad = [n for n, p in used.items() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not no_grad, no_grad
+
+
+def test_loss_weights_classes_and_ignores_placeholders():
+    logits = torch.tensor([[2.0, -1.0], [0.5, 0.2], [-1.0, 3.0], [9.0, -9.0]])
+    labels = torch.tensor([0, 1, 1, 1])
+    valid = torch.tensor([1.0, 1.0, 1.0, 0.0])  # the last one stands for an unreadable image
+    per_sample = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    assert train_llava.detector_loss(logits, labels, valid, None).item() == pytest.approx(per_sample[:3].mean().item())
+    weights = torch.tensor([1.0, 3.0])  # [No, Yes]
+    expected = (per_sample[0] + 3 * per_sample[1] + 3 * per_sample[2]) / 7
+    assert train_llava.detector_loss(logits, labels, valid, weights).item() == pytest.approx(expected.item())
+    assert train_llava.detector_loss(logits, labels, torch.zeros(4), weights).item() == 0.0
+
+
+def test_metrics_match_a_pairwise_auroc_with_ties():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 200)
+    scores = np.round(rng.random(200) * 0.6 + 0.4 * labels, 1)  # rounded: many ties
+    subsets = ["popup" if y else "news" for y in labels]
+    m = train_llava.classification_metrics(scores, labels, subsets, target_fpr=0.1)
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    pairwise = ((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])).mean()
+    assert m["auroc"] == pytest.approx(pairwise)
+    pred = scores >= 0.5
+    assert m["accuracy"] == pytest.approx((pred == labels).mean())
+    assert m["per_subset"]["popup"]["tpr"] == pytest.approx(pred[labels == 1].mean())
+    assert m["per_subset"]["news"]["fpr"] == pytest.approx(pred[labels == 0].mean())
+    c = m["confusion_matrix"]
+    assert c["tp"] + c["fn"] == labels.sum() and c["tn"] + c["fp"] == (1 - labels).sum()
+    fpr, tpr = (np.array(v) for v in m["roc"])
+    assert m["tpr_at_fpr_0.1"] == tpr[fpr <= 0.1].max() and fpr[-1] == tpr[-1] == 1.0
+    one_class = train_llava.classification_metrics(scores[labels == 1], labels[labels == 1], ["x"] * len(pos), 0.1)
+    assert one_class["auroc"] is None  # undefined, not a misleading number
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: manifests, folders, image modes, resize policy, bad inputs
+# ----------------------------------------------------------------------------------------------
+
+
+def test_folder_layout_reads_like_the_manifest(screenshots):
+    from_manifest, _ = train_llava.load_samples(str(screenshots / "val.jsonl"), skip_bad=False)
+    from_folder, _ = train_llava.load_samples(str(screenshots / "val"), skip_bad=False)
+    as_set = lambda samples: {(s.path.resolve(), s.label, s.subset) for s in samples}  # noqa: E731
+    assert len(from_folder) == 100 and as_set(from_folder) == as_set(from_manifest)
+    assert {s.subset for s in from_folder} == {"article", "shop", "popup", "banner"}
+
+
+def test_alpha_cmyk_and_16_bit_images_become_rgb(tmp_path):
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 255))
+    rgba.putpixel((0, 0), (0, 0, 0, 0))  # fully transparent: shows the white background
+    rgba.save(tmp_path / "alpha.png")
+    Image.new("LA", (4, 4), (0, 0)).save(tmp_path / "la.png")
+    Image.new("CMYK", (4, 4), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")
+    gray16 = np.full((4, 4), 65535, dtype=np.uint16)
+    gray16[0, 0] = 32896  # 128 * 257
+    Image.fromarray(gray16).save(tmp_path / "gray16.png")
+    palette = Image.new("P", (4, 4), 0)
+    palette.save(tmp_path / "palette.png", transparency=0)
+
+    images = {p.name: train_llava.load_rgb(p) for p in tmp_path.iterdir()}
+    assert all(img.mode == "RGB" and img.size == (4, 4) for img in images.values())
+    assert images["alpha.png"].getpixel((0, 0)) == (255, 255, 255)
+    assert images["alpha.png"].getpixel((1, 1)) == (255, 0, 0)
+    assert images["la.png"].getpixel((1, 1)) == (255, 255, 255)  # transparent black on white
+    r, g, b = images["cmyk.jpg"].getpixel((1, 1))
+    assert r > 200 and g < 60 and b < 60  # CMYK (0, 255, 255, 0) is red
+    assert images["gray16.png"].getpixel((0, 0)) == (128, 128, 128)  # scaled, not clipped to white
+    assert images["gray16.png"].getpixel((1, 1)) == (255, 255, 255)
+    assert images["palette.png"].getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_pad_keeps_off_centre_content_that_crop_cuts(loaded, tmp_path):
+    _, processor = loaded
+    wide = Image.new("RGB", (400, 100), "white")
+    wide.paste(Image.new("RGB", (60, 100), "red"), (0, 0))  # a red strip at the far left
+    wide.save(tmp_path / "wide.png")
+    items = [(0, train_llava.Sample(tmp_path / "wide.png", 1, ""))]
+
+    def red_pixels(resize):
+        pixels = train_llava.collate(items, processor, "USER: <image>\nIs it? ASSISTANT:", resize)["inputs"]["pixel_values"][0]
+        return int(((pixels[0] > 1.0) & (pixels[1] < -1.0)).sum())  # normalised: high red, low green
+
+    assert red_pixels("pad") > 0 and red_pixels("stretch") > 0
+    assert red_pixels("crop") == 0  # the processor's centre crop drops the left edge
+
+
+def test_bad_label_is_a_one_line_error_with_exit_code_2(screenshots, tmp_path):
+    records = records_of(screenshots, "train", 4)
+    records[2]["label"] = 2
+    manifest = write_manifest(tmp_path / "bad.jsonl", records)
+    proc = subprocess.run([sys.executable, str(ROOT / "train_llava.py"), "--train_data", manifest, "--val_data", manifest,
+                           "--output_dir", tmp_path / "out"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"error: {manifest} line 3 has label 2; labels are 0 (benign) or 1 (prompt injection); "
+                                   f"fix the line or pass --skip_bad_images")
+
+
+def test_missing_and_corrupt_images_are_clear_errors(tiny_model, screenshots, tmp_path):
+    records = records_of(screenshots, "train", 8)
+    missing = write_manifest(tmp_path / "missing.jsonl", records + [{"path": "nowhere.png", "label": 1}])
+    with pytest.raises(UserError, match=r"line 9 names image .*nowhere.png, which does not exist; fix the line or pass --skip_bad_images"):
+        run_main("--train_data", missing, "--val_data", missing, "--output_dir", tmp_path / "a")
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    corrupt = write_manifest(tmp_path / "corrupt.jsonl", [{"path": "corrupt.png", "label": 0}] + records)
+    with pytest.raises(UserError, match=r"^cannot read image .*corrupt.png \(.*\); fix or remove it, or pass --skip_bad_images$") as err:
+        run_main("--model", tiny_model, "--train_data", corrupt, "--val_data", corrupt, "--output_dir", tmp_path / "b",
+                 "--num_workers", 0, "--batch_size", 4)
+    assert "\n" not in str(err.value)
+
+
+def test_skip_bad_images_skips_and_counts_them(tiny_model, screenshots, tmp_path):
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    Image.new("RGB", (300, 200), "white").save(tmp_path / "truncated.jpg")
+    (tmp_path / "truncated.jpg").write_bytes((tmp_path / "truncated.jpg").read_bytes()[:200])
+    train = records_of(screenshots, "train", 16) + [
+        {"path": "corrupt.png", "label": 1}, {"path": "missing.png", "label": 0},
+        {"path": records_of(screenshots, "train", 1)[0]["path"], "label": "yes"}]
+    val = records_of(screenshots, "val", 12) + [{"path": "truncated.jpg", "label": 0}]
+    results = run_main("--model", tiny_model, "--train_data", write_manifest(tmp_path / "train.jsonl", train),
+                       "--val_data", write_manifest(tmp_path / "val.jsonl", val), "--output_dir", tmp_path / "out",
+                       "--skip_bad_images", "true", "--num_workers", 0, "--batch_size", 6, "--grad_accum_steps", 1,
+                       "--epochs", 1, "--log_every", 1)
+    # 2 manifest lines (missing file, bad label) + 2 unreadable files (corrupt PNG, truncated JPEG)
+    assert results["skipped_bad_images"] == 4
+    assert results["val_num_samples"] == 12  # the truncated JPEG's placeholder is not scored
+    losses = [r["train/loss"] for r in map(json.loads, (tmp_path / "out/metrics.jsonl").read_text().splitlines())
+              if "train/loss" in r]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)  # 17 images in batches of 6
+
+
+# ----------------------------------------------------------------------------------------------
+# Training end to end: learning, saved adapter, predict mode, merge, guard fallback
+# ----------------------------------------------------------------------------------------------
+
+
+def test_tiny_model_learns_the_synthetic_task(trained_run):
+    output_dir, results = trained_run
+    saved = json.loads((output_dir / "results.json").read_text())
+    assert saved["val_accuracy"] >= 0.9
+    assert saved["val_auroc"] >= 0.95 and saved["val_f1"] >= 0.9
+    assert saved["test_accuracy"] >= 0.85
+    assert saved["num_processes"] == 1 and saved["distributed_type"] == "NO" and saved["mixed_precision"] == "no"
+    assert saved["val_per_subset"]["popup"]["malicious"] + saved["val_per_subset"]["banner"]["malicious"] == 50
+    assert 0 <= saved["val_per_subset"]["article"]["fpr"] <= 1
+    assert saved["best_metric"] == "auroc" and saved["skipped_bad_images"] == 0
+    for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/processor_config.json",
+                 "adapter/detector.json", "roc_curve.png", "metrics.jsonl", "val_predictions.jsonl", "merged/config.json"):
+        assert (output_dir / name).is_file(), name
+
+
+def test_reloaded_adapter_reproduces_predictions_exactly(trained_run, tiny_model, screenshots, tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    output_dir, _ = trained_run
+    adapter = load_file(output_dir / "adapter/adapter_model.safetensors")
+    assert adapter and all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in adapter.values())
+    model, _, _ = train_llava.load_trained(str(tiny_model), output_dir / "adapter", torch.float32)
+    assert isinstance(model, PeftModel)
+
+    run_main("--mode", "predict", "--model", tiny_model, "--output_dir", output_dir, "--predict_data",
+             screenshots / "val.jsonl", "--predict_output", tmp_path / "p.jsonl", "--eval_batch_size", 50, "--num_workers", 0)
+    read = lambda path: {r["path"]: r for r in map(json.loads, path.read_text().splitlines())}  # noqa: E731
+    during_training, reloaded = read(output_dir / "val_predictions.jsonl"), read(tmp_path / "p.jsonl")
+    assert len(reloaded) == 100 and reloaded.keys() == during_training.keys()
+    assert all(reloaded[k]["p_yes"] == during_training[k]["p_yes"] for k in reloaded)  # exactly, not approximately
+    accuracy = np.mean([(r["p_yes"] >= 0.5) == r["label"] for r in reloaded.values()])
+    assert accuracy == json.loads((output_dir / "results.json").read_text())["val_accuracy"]
+
+    # --merge: base + adapter folded into plain LLaVA weights give the same P(Yes) up to rounding.
+    from transformers import LlavaForConditionalGeneration
+
+    merged = LlavaForConditionalGeneration.from_pretrained(output_dir / "merged").eval()
+    _, processor = train_llava.load_base(str(output_dir / "merged"), str(output_dir / "merged"), torch.float32)
+    samples, _ = train_llava.load_samples(str(screenshots / "val.jsonl"), skip_bad=False)
+    batch = train_llava.collate(list(enumerate(samples[:8])), processor, train_llava.build_prompt(processor, train_llava.DEFAULT_QUESTION), "pad")
+    ids = train_llava.answer_token_ids(processor.tokenizer, "No", "Yes")
+    with torch.no_grad():
+        p_yes = train_llava.answer_logits(merged, batch["inputs"], ids).softmax(-1)[:, 1]
+    expected = torch.tensor([during_training[str(s.path)]["p_yes"] for s in samples[:8]])
+    torch.testing.assert_close(p_yes, expected, rtol=0, atol=1e-4)
+
+
+def test_guard_falls_back_to_fp32_with_lr_backoff(tiny_model, screenshots, tmp_path, monkeypatch):
+    """A NaN loss at update 3 under bf16: that update is skipped, the run continues in fp32 with half the LR."""
+    from safetensors.torch import load_file
+
+    seen = []  # (training?, dtype the vocabulary projection computed in, dtype of its frozen weight) per forward
+    real_answer_logits = train_llava.answer_logits
+
+    def answer_logits_with_a_nan(model, inputs, answer_ids):
+        # Accelerate converts the model's outputs to fp32: look inside, at the lm_head's own output.
+        lm_head = model.base_model.model.lm_head
+        computed = []
+        hook = lm_head.register_forward_hook(lambda module, args, output: computed.append(output.dtype))
+        logits = real_answer_logits(model, inputs, answer_ids)
+        hook.remove()
+        seen.append((model.training, computed[0], lm_head.weight.dtype))
+        if model.training and sum(t for t, _, _ in seen) == 3:
+            logits = logits * float("nan")
+        return logits
+
+    monkeypatch.setattr(train_llava, "answer_logits", answer_logits_with_a_nan)
+    train = write_manifest(tmp_path / "train.jsonl", records_of(screenshots, "train", 32))
+    val = write_manifest(tmp_path / "val.jsonl", records_of(screenshots, "val", 8))
+    output_dir = tmp_path / "out"
+    results = run_main("--model", tiny_model, "--train_data", train, "--val_data", val, "--output_dir", output_dir,
+                       "--mixed_precision", "bf16", "--model_dtype", "bf16", "--batch_size", 8, "--grad_accum_steps", 1,
+                       "--max_steps", 4, "--epochs", 1, "--warmup_ratio", 0.5, "--lr", 1e-3, "--min_lr_factor", 0.1,
+                       "--log_every", 1, "--checkpoint_every", 4, "--num_workers", 0)
+
+    training = [(dtype, weight) for is_training, dtype, weight in seen if is_training]
+    assert training == [(torch.bfloat16, torch.bfloat16)] * 3 + [(torch.float32, torch.float32)]
+    assert results["fell_back_to_fp32_at_step"] == 3
+    optimizer = torch.load(output_dir / "checkpoints/step_00000004/optimizer.bin", weights_only=True)
+    assert {float(s["step"]) for s in optimizer["state"].values()} == {3.0}  # 4 updates, the NaN one skipped
+    assert all(torch.isfinite(t).all() for t in load_file(output_dir / "adapter/adapter_model.safetensors").values())
+    lrs = {r["step"]: r["train/lr"] for r in map(json.loads, (output_dir / "metrics.jsonl").read_text().splitlines())
+           if "train/lr" in r}
+    schedule = {s: 1e-3 * warmup_cosine(s, 2, 4, final_factor=0.1) for s in range(1, 5)}
+    assert lrs[1] > 0  # the first update already has a learning rate
+    for step in (1, 2, 3):
+        assert lrs[step] == pytest.approx(schedule[step])
+    assert lrs[4] == pytest.approx(0.5 * schedule[4])  # backoff x schedule, not undone by the schedule
+
+
+def test_resume_from_a_checkpoint_continues_exactly(tiny_model, screenshots, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    train = write_manifest(tmp_path / "train.jsonl", records_of(screenshots, "train", 32))
+    val = write_manifest(tmp_path / "val.jsonl", records_of(screenshots, "val", 8))
+    common = ["--model", tiny_model, "--train_data", train, "--val_data", val, "--batch_size", 8, "--grad_accum_steps", 1,
+              "--epochs", 1, "--checkpoint_every", 2, "--lr", 1e-3, "--num_workers", 0]
+    run_main(*common, "--output_dir", tmp_path / "straight")
+    checkpoint = tmp_path / "straight/checkpoints/step_00000002"
+    saved = load_file(checkpoint / "model.safetensors")
+    assert saved and all("lora_" in k for k in saved)  # the frozen base is not written into checkpoints
+    shutil.copytree(checkpoint, tmp_path / "resumed/checkpoints/step_00000002")
+    run_main(*common, "--output_dir", tmp_path / "resumed", "--resume_from", tmp_path / "resumed/checkpoints/step_00000002")
+    straight = load_file(tmp_path / "straight/adapter/adapter_model.safetensors")
+    resumed = load_file(tmp_path / "resumed/adapter/adapter_model.safetensors")
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    last = load_file(tmp_path / "straight/checkpoints/step_00000004/model.safetensors")
+    assert any(not torch.equal(saved[k], last[k]) for k in saved)  # steps 3 and 4 did change the weights
