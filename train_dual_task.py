@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from common.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from common.config import parse_config, save_config
+from common.distributed import refuse_silent_fallbacks
 from common.ema import EMA
 from common.errors import UserError, exit_on_user_error
 from common.guard import NonFiniteGuard
@@ -323,7 +324,8 @@ class AMNLLoss:
     values so that one bad batch cannot poison them. They are saved in checkpoints.
     """
 
-    def __init__(self, cfg: Config, device):
+    def __init__(self, cfg: Config, device, reduce=lambda losses: losses):
+        self.reduce = reduce  # under DDP: the mean over processes, so every rank normalises alike
         self.decay = cfg.amnl_decay
         self.rul_weight = cfg.rul_loss_weight
         self.failure_weight = cfg.failure_weight
@@ -337,8 +339,9 @@ class AMNLLoss:
         health_loss = F.cross_entropy(health_logits, health_true)
         losses = torch.stack([rul_loss, health_loss])
         with torch.no_grad():
-            updated = self.decay * self.averages + (1 - self.decay) * losses.detach()
-            self.averages.copy_(torch.where(torch.isfinite(losses), updated, self.averages))
+            observed = self.reduce(losses.detach())
+            updated = self.decay * self.averages + (1 - self.decay) * observed
+            self.averages.copy_(torch.where(torch.isfinite(observed), updated, self.averages))
             self.num_updates += 1
             scale = (self.averages / (1 - self.decay**self.num_updates)).clamp_min(1e-8)
         normalised = losses / scale
@@ -614,6 +617,7 @@ def main(argv=None):
         )
     except ValueError as err:
         raise UserError(f"{err}; choose another --mixed_precision (bf16 works on CPU)") from None
+    refuse_silent_fallbacks(accelerator)
     set_seed(cfg.seed)
     resume_path = resolve_resume(cfg.output_dir, cfg.resume_from)
     output_dir = Path(cfg.output_dir)
@@ -634,7 +638,7 @@ def main(argv=None):
     model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
         model, optimizer, train_loader, val_loader, test_loader
     )
-    loss_fn = AMNLLoss(cfg, accelerator.device)
+    loss_fn = AMNLLoss(cfg, accelerator.device, reduce=lambda losses: accelerator.reduce(losses, "mean"))
     ema = EMA(model.parameters(), decay=cfg.ema_decay)
     guard = NonFiniteGuard(accelerator, model, optimizer, cfg.nan_lr_backoff, cfg.max_nonfinite_in_a_row)
     state = TrainState()

@@ -27,7 +27,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ from tqdm.auto import tqdm
 
 from common.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from common.config import parse_config, save_config
+from common.distributed import refuse_silent_fallbacks
 from common.ema import EMA
 from common.errors import UserError, exit_on_user_error
 from common.guard import NonFiniteGuard
@@ -637,9 +637,7 @@ def main(argv=None):
         )
     except ValueError as err:
         raise UserError(f"{err}; choose another --mixed_precision (bf16 works on CPU)") from None
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not torch.cuda.is_available():
-        accelerator.print(f"WARNING: FSDP was requested, but Accelerate never runs FSDP on CPU; this run is "
-                          f"{accelerator.distributed_type.value} without sharding")
+    refuse_silent_fallbacks(accelerator)
     set_seed(cfg.seed)
     resume_path = resolve_resume(cfg.output_dir, cfg.resume_from)
     output_dir = Path(cfg.output_dir)
