@@ -457,8 +457,10 @@ def train(cfg, accelerator, model, optimizer, train_loader, val_loader, val_samp
             if cfg.max_steps and state.step >= cfg.max_steps:
                 done = True
                 break
-        if done and state.batches_done < len(train_loader):
-            break  # stopped mid-epoch by --max_steps: no end-of-epoch evaluation
+        if done and state.batches_done < len(train_loader):  # stopped mid-epoch by --max_steps
+            if not (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0):
+                save_checkpoint(accelerator, output_dir, state.step, checkpointed, cfg.keep_checkpoints)
+            break
 
         guard.poll(state.step)
         seconds = time.perf_counter() - epoch_start

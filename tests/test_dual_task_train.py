@@ -151,3 +151,26 @@ def test_kill_9_mid_epoch_then_resume_gives_bit_identical_weights(tmp_path):
     assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
     a, b = (json.loads((p / "results.json").read_text()) for p in (tmp_path / "full", killed))
     assert a["test_rmse"] == b["test_rmse"] and a["best_val_rmse"] == b["best_val_rmse"]
+
+
+def test_no_host_sync_per_training_step(tmp_path, monkeypatch):
+    """Host syncs (.item(), float(t), .cpu(), ...) happen at log intervals and epoch ends, never per step.
+
+    Counted over whole runs of 10 and 20 optimizer steps with no log interval in between: any
+    per-step sync would add 10 to the count.
+    """
+    counts = {"n": 0}
+    for name in ["item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__"]:
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _original=original, **kwargs):
+            counts["n"] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    syncs = []
+    for steps in (10, 20):
+        counts["n"] = 0
+        run(tmp_path, "--max_steps", str(steps), "--log_every", "1000", name=f"steps{steps}")
+        syncs.append(counts["n"])
+    assert syncs[0] == syncs[1], f"host syncs grow with the number of steps: {syncs}"
