@@ -8,7 +8,7 @@ cross-entropy (the WAInjectBench setting). The same file runs on a CPU, one GPU,
     accelerate launch --config_file accelerate_configs/single_gpu.yaml train_llava.py \\
         --train_data data/wainject/train.jsonl --val_data data/wainject/val.jsonl --test_data data/wainject/image
     python train_llava.py --output_dir runs/llava --resume_from latest
-    python train_llava.py --mode predict --output_dir runs/llava --predict_data shots/   # P(Yes) per image
+    python train_llava.py --mode predict --model <same base> --output_dir runs/llava --predict_data shots/  # P(Yes)
 
 Data: a JSONL manifest with one {"path", "label" (1 = injection), "subset" (optional)} per line,
 relative paths resolved against the manifest's folder, or a folder laid out as
@@ -77,6 +77,7 @@ class Config:
     resize: str = field(default="pad", metadata={"help": "pad to the model's aspect ratio (nothing cropped), the processor's centre crop, or stretch", "choices": ["pad", "crop", "stretch"]})
     skip_bad_images: bool = field(default=False, metadata={"help": "skip and count missing/corrupt images and bad labels instead of stopping"})
     num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes that decode images"})
+    num_threads: int = field(default=0, metadata={"help": "PyTorch CPU threads per process (0: PyTorch's default)"})
     # loss
     class_weights: list[float] = field(default_factory=list, metadata={"help": "cross-entropy weights [No, Yes] (empty: unweighted)"})
     # optimisation
@@ -623,6 +624,8 @@ def prepare_demo_inputs(cfg: Config) -> None:
 
 def main(argv=None):
     cfg = parse_config(Config, argv, description=__doc__.split("\n")[0])
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
     if cfg.mode == "predict":
         return predict(cfg)
     wall_start = time.perf_counter()
