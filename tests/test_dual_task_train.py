@@ -112,6 +112,7 @@ def test_nan_in_training_falls_back_to_fp32_and_backs_off_the_lr(tmp_path, monke
         (["--epochs", "1", "--lrr", "0.1"], "error: unknown config key 'lrr' in the command line (did you mean 'lr'?)"),
         (["--data_dir", "/nonexistent/cmapss"], "error: data folder /nonexistent/cmapss not found"),
         (["--epochs", "many"], "error: config key 'epochs' expects int, got 'many'"),
+        (["--mixed_precision", "fp16"], "error: --mixed_precision fp16 needs a GPU"),
     ],
 )
 def test_bad_input_exits_with_one_clear_line(tmp_path, args, message):
