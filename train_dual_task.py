@@ -17,6 +17,7 @@ Reading order: Config, data, model, loss, train(), evaluate(), main().
 """
 
 import dataclasses
+import json
 import math
 import time
 import warnings
@@ -521,15 +522,14 @@ def train(cfg, accelerator, model, optimizer, train_loader, val_loader, loss_fn,
                          "train/grad_norm": grad_norm.item(), "train/lr": optimizer.param_groups[0]["lr"]}, state.step)
                 bar.set_postfix(loss=f"{mean[0]:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
             set_lr(optimizer, current_lr())
-            if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+            done = bool(cfg.max_steps) and state.step >= cfg.max_steps
+            stops_mid_epoch = done and state.batches_done < len(train_loader)  # no epoch-end checkpoint follows
+            if stops_mid_epoch or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0):
                 save_checkpoint(accelerator, output_dir, state.step, checkpointed, cfg.keep_checkpoints)
-            if cfg.max_steps and state.step >= cfg.max_steps:
-                done = True
+            if done:
                 break
-        if done and state.batches_done < len(train_loader):  # stopped mid-epoch by --max_steps
-            if not (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0):
-                save_checkpoint(accelerator, output_dir, state.step, checkpointed, cfg.keep_checkpoints)
-            break
+        if done and state.batches_done < len(train_loader):
+            break  # stopped mid-epoch by --max_steps: no end-of-epoch evaluation
 
         # End of epoch: validate with the EMA weights, then plateau, early stopping, best weights.
         guard.poll(state.step)
@@ -570,9 +570,7 @@ def train(cfg, accelerator, model, optimizer, train_loader, val_loader, loss_fn,
 
 
 def save_plots(output_dir: Path, test: dict) -> None:
-    import json
-
-    import matplotlib
+    import matplotlib  # imported here: only the main process plots, at the very end
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -453,15 +453,14 @@ def train(cfg, accelerator, model, optimizer, train_loader, val_loader, val_samp
                          "train/lr": optimizer.param_groups[0]["lr"]}, state.step)
                 bar.set_postfix(loss=f"{mean:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
             set_lr(optimizer, current_lr())
-            if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+            done = bool(cfg.max_steps) and state.step >= cfg.max_steps
+            stops_mid_epoch = done and state.batches_done < len(train_loader)  # no epoch-end checkpoint follows
+            if stops_mid_epoch or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0):
                 save_checkpoint(accelerator, output_dir, state.step, checkpointed, cfg.keep_checkpoints)
-            if cfg.max_steps and state.step >= cfg.max_steps:
-                done = True
+            if done:
                 break
-        if done and state.batches_done < len(train_loader):  # stopped mid-epoch by --max_steps
-            if not (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0):
-                save_checkpoint(accelerator, output_dir, state.step, checkpointed, cfg.keep_checkpoints)
-            break
+        if done and state.batches_done < len(train_loader):
+            break  # stopped mid-epoch by --max_steps: no end-of-epoch evaluation
 
         guard.poll(state.step)
         seconds = time.perf_counter() - epoch_start
