@@ -7,6 +7,7 @@ Layout under `output_dir/checkpoints/`:
         train_state_rank0.pt  (this rank's loop state: step, EMA, guard, ... ; loaded with weights_only=True)
         meta.json             (written last: a folder without it is incomplete and ignored)
     LATEST                    the name of the newest complete checkpoint
+    BEST                      the name of the checkpoint saved with `best=True` (kept when pruning)
 
 A checkpoint is written to a hidden temporary folder and renamed into place, so a kill during a
 save never leaves a broken "latest". Every process calls `save_checkpoint` and `load_checkpoint`
@@ -24,6 +25,7 @@ import torch
 from common.errors import UserError
 
 LATEST = "LATEST"
+BEST = "BEST"
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -46,8 +48,12 @@ def _complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
 
 
 def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict, keep_last: int = 2,
-                    keep: tuple[Path, ...] = ()) -> Path:
-    """Save model, optimizer, RNG (via save_state) and `state` ({name: object with state_dict()})."""
+                    best: bool = False) -> Path:
+    """Save model, optimizer, RNG (via save_state) and `state` ({name: object with state_dict()}).
+
+    Keeps the newest `keep_last` checkpoints plus the one marked `best` (by the loop's own
+    validation metric), so that a run can always be restarted from its best point.
+    """
     root = Path(output_dir) / "checkpoints"
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp_step_{step:08d}"
@@ -66,7 +72,11 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict,
             shutil.rmtree(final)
         os.replace(tmp, final)
         _write_text_atomic(root / LATEST, final.name)
-        protected = {final.resolve(), *(Path(p).resolve() for p in keep)}
+        if best:
+            _write_text_atomic(root / BEST, final.name)
+        protected = {final.resolve()}
+        if (root / BEST).is_file():
+            protected.add((root / (root / BEST).read_text().strip()).resolve())
         complete = _complete_checkpoints(root)
         for _, folder in complete[: max(0, len(complete) - keep_last)]:
             if folder.resolve() not in protected:

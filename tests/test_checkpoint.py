@@ -61,6 +61,18 @@ def test_keeps_the_last_n_and_points_latest_at_the_newest(tmp_path, accelerator)
     del model
 
 
+def test_the_best_checkpoint_is_kept_besides_the_last_n(tmp_path, accelerator):
+    accelerator.prepare(torch.nn.Linear(2, 2))
+    root = tmp_path / "checkpoints"
+    for step, best in [(10, True), (20, False), (30, True), (40, False), (50, False), (60, False)]:
+        save_checkpoint(accelerator, tmp_path, step, {}, keep_last=2, best=best)
+        if step == 40:  # the best so far (30) is also one of the last two
+            assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step_00000030", "step_00000040"]
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step_00000030", "step_00000050", "step_00000060"]
+    assert (root / "BEST").read_text() == "step_00000030"
+    assert find_latest_checkpoint(tmp_path).name == "step_00000060"
+
+
 def test_an_interrupted_save_is_ignored(tmp_path, accelerator):
     accelerator.prepare(torch.nn.Linear(2, 2))
     save_checkpoint(accelerator, tmp_path, 10, {})
