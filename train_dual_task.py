@@ -19,6 +19,7 @@ Reading order: Config, data, model, loss, train(), evaluate(), main().
 import dataclasses
 import json
 import math
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from common.distributed import refuse_silent_fallbacks
 from common.ema import EMA
 from common.errors import UserError, exit_on_user_error
 from common.guard import NonFiniteGuard
+from common.preemption import EXIT_PREEMPTED, Preemption
 from common.run_log import MetricsLog, peak_memory_mb, prepare_output_dir, write_json
 from common.schedules import linear_warmup, set_lr, warmup_cosine
 
@@ -57,6 +59,7 @@ class Config:
     critical_at_or_below: int = field(default=15, metadata={"help": "RUL at or below this is 'critical'; between is 'degrading'"})
     smoothing: float = field(default=0.05, metadata={"help": "causal exponential smoothing of the normalised sensors, weight of the newest cycle (0: off)"})
     per_condition_norm: bool = field(default=True, metadata={"help": "normalise per operating condition (FD002/FD004 have six; FD001/FD003 one)"})
+    cycle_feature: bool = field(default=True, metadata={"help": "add the cycle number (cycles run so far) as an input feature"})
     # model
     conv_channels: int = field(default=64, metadata={"help": "Conv1d channels"})
     kernel_size: int = field(default=5, metadata={"help": "Conv1d kernel size over time"})
@@ -236,6 +239,10 @@ def load_cmapss(cfg: Config) -> dict[str, Split]:
     if cfg.smoothing > 0:
         train_feat = smooth_per_engine(train_feat, train[:, 0], cfg.smoothing)
         test_feat = smooth_per_engine(test_feat, test[:, 0], cfg.smoothing)
+    if cfg.cycle_feature:  # how long the engine has run is known at test time too; scaled by the training engines
+        mean, std = train[~is_val, 1].mean(), train[~is_val, 1].std()
+        train_feat = np.concatenate([train_feat, (train[:, 1:2] - mean) / std], axis=1)
+        test_feat = np.concatenate([test_feat, (test[:, 1:2] - mean) / std], axis=1)
     train_rul = np.minimum(rul_per_row(train), cfg.rul_cap)
     # Test engines stop before failure: RUL at the last cycle is given, earlier rows count up from it.
     true_last = dict(zip(test_units, test_rul_last))
@@ -481,7 +488,8 @@ def train(cfg, accelerator, model, optimizer, train_loader, val_loader, loss_fn,
     bar = tqdm(total=total_steps, initial=state.step, desc="train", disable=None if accelerator.is_local_main_process else True)
     running = torch.zeros(3, device=accelerator.device)  # sums of total, RUL and health loss since last log
     running_batches = 0
-    done = False
+    done = preempted = False
+    preemption = Preemption().install()  # SIGTERM/SIGINT: finish the step, checkpoint, return
     while state.epoch < cfg.epochs and not done:
         epoch_start, samples = time.perf_counter(), 0
         train_loader.set_epoch(state.epoch)  # a different, reproducible shuffle every epoch
@@ -522,7 +530,8 @@ def train(cfg, accelerator, model, optimizer, train_loader, val_loader, loss_fn,
                          "train/grad_norm": grad_norm.item(), "train/lr": optimizer.param_groups[0]["lr"]}, state.step)
                 bar.set_postfix(loss=f"{mean[0]:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
             set_lr(optimizer, current_lr())
-            done = bool(cfg.max_steps) and state.step >= cfg.max_steps
+            preempted = preemption.should_stop(accelerator, at_sync_point=state.step % cfg.log_every == 0)
+            done = preempted or (bool(cfg.max_steps) and state.step >= cfg.max_steps)
             stops_mid_epoch = done and state.batches_done < len(train_loader)  # no epoch-end checkpoint follows
             if stops_mid_epoch or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0):
                 save_checkpoint(accelerator, output_dir, state.step, checkpointed, cfg.keep_checkpoints)
@@ -557,11 +566,13 @@ def train(cfg, accelerator, model, optimizer, train_loader, val_loader, loss_fn,
                   f"health acc {val['health_accuracy']:.3f} | best {state.best_val_rmse:6.2f} @ {state.best_epoch} | "
                   f"lr {optimizer.param_groups[0]['lr']:.2e} | {samples_per_second:,.0f} samples/s | "
                   f"{peak_memory_mb(accelerator.device):,.0f} MB", flush=True)
-        save_checkpoint(accelerator, output_dir, state.step, checkpointed, cfg.keep_checkpoints)
+        save_checkpoint(accelerator, output_dir, state.step, checkpointed, cfg.keep_checkpoints, best=improved)
         if state.epochs_since_best >= cfg.early_stopping_patience:
             accelerator.print(f"early stopping: no better validation RMSE for {cfg.early_stopping_patience} epochs")
             break
     bar.close()
+    preemption.uninstall()
+    return preempted
 
 
 # ----------------------------------------------------------------------------------------------
@@ -621,17 +632,16 @@ def main(argv=None):
     output_dir = Path(cfg.output_dir)
     if accelerator.is_main_process:
         prepare_output_dir(output_dir, resuming=cfg.resume_from is not None, overwrite=cfg.overwrite)
-        save_config(cfg, output_dir / "config.yaml")
-    accelerator.wait_for_everyone()
-
     splits = load_cmapss(cfg)
+    if accelerator.is_main_process:  # written once the data has passed its checks: bad input changes nothing
+        save_config(cfg, output_dir / "config.yaml")
     accelerator.print(f"{cfg.subset}: {len(splits['train'].rul)} training windows, {len(splits['val'].rul)} "
                       f"validation windows, {len(splits['test'].rul)} test engines, {len(cfg.sensors)} sensors")
     train_loader = make_loader(splits["train"], cfg.batch_size, shuffle=True, seed=cfg.seed)
     val_loader = make_loader(splits["val"], 4 * cfg.batch_size, shuffle=False, seed=cfg.seed)
     test_loader = make_loader(splits["test"], 4 * cfg.batch_size, shuffle=False, seed=cfg.seed)
 
-    model = DualTaskNet(num_features=len(cfg.sensors), cfg=cfg)
+    model = DualTaskNet(num_features=splits["train"].x.shape[-1], cfg=cfg)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, fused=True)
     model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
         model, optimizer, train_loader, val_loader, test_loader
@@ -650,7 +660,11 @@ def main(argv=None):
                                                       for k, v in dataclasses.asdict(cfg).items()})
     log = MetricsLog(accelerator, output_dir, step_offset=state.step if resume_path else None)
 
-    train(cfg, accelerator, model, optimizer, train_loader, val_loader, loss_fn, ema, guard, state, log, output_dir)
+    if train(cfg, accelerator, model, optimizer, train_loader, val_loader, loss_fn, ema, guard, state, log, output_dir):
+        accelerator.end_training()
+        accelerator.print(f"stopped by a signal at step {state.step} with a checkpoint saved; "
+                          f"continue with --resume_from latest (exit code {EXIT_PREEMPTED})", flush=True)
+        sys.exit(EXIT_PREEMPTED)
 
     # The best EMA weights, chosen on validation, are evaluated on the test set once.
     if state.best_weights:

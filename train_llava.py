@@ -27,6 +27,7 @@ import dataclasses
 import functools
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ from common.distributed import refuse_silent_fallbacks
 from common.ema import EMA
 from common.errors import UserError, exit_on_user_error
 from common.guard import NonFiniteGuard
+from common.preemption import EXIT_PREEMPTED, Preemption
 from common.run_log import MetricsLog, peak_memory_mb, prepare_output_dir, write_json
 from common.schedules import set_lr, warmup_cosine
 
@@ -174,13 +176,16 @@ def load_samples(spec: str, skip_bad: bool, need_labels: bool = True) -> tuple[l
         raise UserError(f"data path {path} does not exist; pass a JSONL manifest or a {{benign,malicious}}/ folder")
     samples, skipped = read_manifest(path, skip_bad, need_labels) if path.is_file() else (read_folder(path, need_labels), [])
     if not samples:
-        raise UserError(f"{path} holds no usable images")
+        raise UserError(f"{path} holds no usable images; add lines like {{\"path\": \"page.png\", \"label\": 1}} "
+                        f"or point it at a {{benign,malicious}}/ folder")
     return samples, skipped
 
 
 def load_rgb(path: Path) -> Image.Image:
     """Any image as 8-bit RGB: alpha composited on white, CMYK and palettes converted, 16-bit scaled."""
-    with Image.open(path) as img:
+    with Image.open(path) as img:  # reads the header only
+        if img.width * img.height > Image.MAX_IMAGE_PIXELS:  # PIL only warns below twice this: decoding could exhaust RAM
+            raise ValueError(f"{img.width}x{img.height} pixels is over the {Image.MAX_IMAGE_PIXELS:,}-pixel limit")
         img.load()
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit grayscale: convert("RGB") would clip it
         img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
@@ -401,17 +406,20 @@ def train(cfg, accelerator, model, optimizer, train_loader, val_loader, val_samp
         with ema.swapped_in() if ema else contextlib.nullcontext():
             val = evaluate(model, val_loader, val_samples, accelerator, answer_ids, cfg, bad_seen)
             score = val[cfg.best_metric] if val[cfg.best_metric] is not None else -1.0
-            if score > state.best_score:
+            improved = score > state.best_score
+            if improved:
                 state.best_score, state.best_step = score, state.step
                 state.best_weights = trainable_state(model)
         log.log({f"val/{k}": val[k] for k in ("accuracy", "auroc", "f1", "precision", "recall")
                  if val[k] is not None}, state.step)
         accelerator.print(f"step {state.step:5d} | val {summary(val)} | best {cfg.best_metric} {state.best_score:.3f} "
                           f"@ step {state.best_step}")
+        return improved
 
     set_lr(optimizer, current_lr())
     bar = tqdm(total=total_steps, initial=state.step, desc="train", disable=None if accelerator.is_local_main_process else True)
-    running, running_batches, done = torch.zeros((), device=accelerator.device), 0, False
+    running, running_batches, done, preempted = torch.zeros((), device=accelerator.device), 0, False, False
+    preemption = Preemption().install()  # SIGTERM/SIGINT: finish the step, checkpoint, return
     grad_norm = torch.zeros(())
     while state.epoch < cfg.epochs and not done:
         epoch_start, samples = time.perf_counter(), 0
@@ -453,7 +461,8 @@ def train(cfg, accelerator, model, optimizer, train_loader, val_loader, val_samp
                          "train/lr": optimizer.param_groups[0]["lr"]}, state.step)
                 bar.set_postfix(loss=f"{mean:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
             set_lr(optimizer, current_lr())
-            done = bool(cfg.max_steps) and state.step >= cfg.max_steps
+            preempted = preemption.should_stop(accelerator, at_sync_point=state.step % cfg.log_every == 0)
+            done = preempted or (bool(cfg.max_steps) and state.step >= cfg.max_steps)
             stops_mid_epoch = done and state.batches_done < len(train_loader)  # no epoch-end checkpoint follows
             if stops_mid_epoch or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0):
                 save_checkpoint(accelerator, output_dir, state.step, checkpointed, cfg.keep_checkpoints)
@@ -466,13 +475,15 @@ def train(cfg, accelerator, model, optimizer, train_loader, val_loader, val_samp
         seconds = time.perf_counter() - epoch_start
         state.epoch += 1
         state.batches_done = 0
-        validate()
+        improved = validate()
         log.log({"epoch": state.epoch, "train/samples_per_second": samples * accelerator.num_processes / seconds,
                  "peak_memory_mb": peak_memory_mb(accelerator.device)}, state.step)
         accelerator.print(f"epoch {state.epoch} | {samples * accelerator.num_processes / seconds:.1f} samples/s | "
                           f"lr {optimizer.param_groups[0]['lr']:.2e} | {peak_memory_mb(accelerator.device):,.0f} MB")
-        save_checkpoint(accelerator, output_dir, state.step, checkpointed, cfg.keep_checkpoints)
+        save_checkpoint(accelerator, output_dir, state.step, checkpointed, cfg.keep_checkpoints, best=improved)
     bar.close()
+    preemption.uninstall()
+    return preempted
 
 
 # ----------------------------------------------------------------------------------------------
@@ -647,7 +658,6 @@ def main(argv=None):
     output_dir = Path(cfg.output_dir)
     if accelerator.is_main_process:
         prepare_output_dir(output_dir, resuming=cfg.resume_from is not None, overwrite=cfg.overwrite)
-        save_config(cfg, output_dir / "config.yaml")
         prepare_demo_inputs(cfg)
     accelerator.wait_for_everyone()
 
@@ -659,6 +669,8 @@ def main(argv=None):
     for line in skipped:
         accelerator.print(f"warning: skipping manifest line {line} (bad label or missing image)")
     accelerator.print(", ".join(f"{len(s)} {k} images" for k, s in data.items()))
+    if accelerator.is_main_process:  # written once the inputs have passed their checks: bad input changes nothing
+        save_config(cfg, output_dir / "config.yaml")
 
     base, processor = load_base(cfg.model, cfg.model, base_dtype(cfg))
     answer_ids = answer_token_ids(processor.tokenizer, cfg.no_token, cfg.yes_token)
@@ -691,8 +703,12 @@ def main(argv=None):
     log = MetricsLog(accelerator, output_dir, step_offset=state.step if resume_path else None)
     bad_seen: set[str] = set()
 
-    train(cfg, accelerator, model, optimizer, loaders["train"], loaders["val"], data["val"], answer_ids,
-          class_weights, ema, guard, state, log, output_dir, bad_seen)
+    if train(cfg, accelerator, model, optimizer, loaders["train"], loaders["val"], data["val"], answer_ids,
+             class_weights, ema, guard, state, log, output_dir, bad_seen):
+        accelerator.end_training()
+        accelerator.print(f"stopped by a signal at step {state.step} with a checkpoint saved; "
+                          f"continue with --resume_from latest (exit code {EXIT_PREEMPTED})", flush=True)
+        sys.exit(EXIT_PREEMPTED)
 
     # The best adapter, chosen on validation, is evaluated (and the test set scored) once.
     if state.best_weights:

@@ -24,9 +24,7 @@ half-precision weights and optimizer state.
 import torch
 import torch.distributed as dist
 
-
-class NonFiniteTrainingError(RuntimeError):
-    """Raised when updates stay non-finite in fp32: the run cannot make progress."""
+from common.errors import NonFiniteTrainingError
 
 
 def _inner_optimizer(optimizer):

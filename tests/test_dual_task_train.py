@@ -106,6 +106,98 @@ def test_nan_in_training_falls_back_to_fp32_and_backs_off_the_lr(tmp_path, monke
     assert torch.isnan(torch.tensor(logged[8]["train/loss"]))  # the event is visible in the log
 
 
+def test_resume_after_a_fallback_or_at_an_epoch_boundary_is_exact(tmp_path, monkeypatch):
+    """Restarting from the checkpoint just after a NaN fallback, or at an epoch end, changes nothing."""
+    import shutil
+
+    original = train_dual_task.AMNLLoss.__call__
+    calls = {"n": 0}
+
+    def nan_at_8(self, *args):
+        total, parts = original(self, *args)
+        calls["n"] += 1
+        return (total * float("nan"), parts) if calls["n"] == 8 else (total, parts)
+
+    monkeypatch.setattr(train_dual_task.AMNLLoss, "__call__", nan_at_8)
+    args = ["--epochs", "2", "--mixed_precision", "bf16", "--log_every", "1", "--checkpoint_every", "1",
+            "--keep_checkpoints", "1000"]
+    straight = run(tmp_path, *args, name="straight")
+    assert straight["fell_back_to_fp32_at_step"] == 8
+    steps_per_epoch = straight["optimizer_steps"] // 2
+    calls["n"] = -1_000_000  # no NaN in the resumed runs: the event lies in their past
+    expected = load_file(tmp_path / "straight" / "model.safetensors")
+    for step in (9, steps_per_epoch, steps_per_epoch + 1):  # after the fallback; at and just after the epoch end
+        name = f"from_{step}"
+        checkpoint = tmp_path / "straight" / "checkpoints" / f"step_{step:08d}"
+        shutil.copytree(checkpoint, tmp_path / name / "checkpoints" / checkpoint.name)
+        resumed = run(tmp_path, *args, "--resume_from", "latest", name=name)
+        assert resumed["fell_back_to_fp32_at_step"] == 8 and resumed["optimizer_steps"] == straight["optimizer_steps"]
+        weights = load_file(tmp_path / name / "model.safetensors")
+        assert all(torch.equal(expected[k], weights[k]) for k in expected), f"resumed from step {step}"
+        assert resumed["test_rmse"] == straight["test_rmse"] and resumed["best_val_rmse"] == straight["best_val_rmse"]
+
+
+def test_persistent_nan_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    from common.checkpoint import find_latest_checkpoint
+    from common.errors import NonFiniteTrainingError, exit_on_user_error
+
+    original = train_dual_task.AMNLLoss.__call__
+    calls = {"n": 0}
+
+    def nan_from_8_on(self, *args):
+        total, parts = original(self, *args)
+        calls["n"] += 1
+        return (total * float("nan"), parts) if calls["n"] >= 8 else (total, parts)
+
+    monkeypatch.setattr(train_dual_task.AMNLLoss, "__call__", nan_from_8_on)
+    args = ["--epochs", "1", "--log_every", "1", "--checkpoint_every", "1", "--keep_checkpoints", "100",
+            "--max_nonfinite_in_a_row", "3"]
+    with pytest.raises(NonFiniteTrainingError, match=r"3 consecutive non-finite updates in fp32 \(at step 11\) "
+                                                       r"after the fallback at step 8"):
+        run(tmp_path, *args, name="diverged")
+    out = tmp_path / "diverged"
+    assert not (out / "results.json").exists() and not (out / "model.safetensors").exists()
+    assert find_latest_checkpoint(out).name == "step_00000010"  # it stopped at step 11, before saving it
+    weights = {step: load_file(out / f"checkpoints/step_{step:08d}/model.safetensors") for step in (6, 7, 8, 9, 10)}
+    assert all(torch.isfinite(w).all() for w in weights[10].values())
+    # Updates 8-10 were skipped: the weights are those of the last good update, 7 (and 7 did change them).
+    for step in (8, 9, 10):
+        assert all(torch.equal(weights[step][k], weights[7][k]) for k in weights[7])
+    assert not all(torch.equal(weights[6][k], weights[7][k]) for k in weights[7])
+    # From the command line: one line and exit code 3.
+    monkeypatch.setattr(sys, "argv", ["train_dual_task.py"])
+    with pytest.raises(SystemExit) as exit_info:
+        exit_on_user_error(lambda: run(tmp_path, *args, name="diverged_cli"))
+    assert exit_info.value.code == 3
+    assert capsys.readouterr().err.strip().startswith("error: 3 consecutive non-finite updates in fp32")
+
+
+def test_an_exception_during_evaluation_leaves_no_corrupt_output(tmp_path, monkeypatch):
+    """A crash in epoch 2's validation: earlier checkpoints and logs stay valid, nothing half-written, resume works."""
+    from common.checkpoint import find_latest_checkpoint
+
+    real_evaluate = train_dual_task.evaluate
+    calls = {"n": 0}
+
+    def evaluate_that_fails_the_second_time(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("injected failure during evaluation")
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_dual_task, "evaluate", evaluate_that_fails_the_second_time)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        run(tmp_path, "--epochs", "2", "--checkpoint_every", "30", name="crashed")
+    out = tmp_path / "crashed"
+    assert not (out / "results.json").exists() and not (out / "model.safetensors").exists()
+    assert not list(out.rglob(".tmp*")) and not list(out.rglob(".*.tmp"))
+    latest = find_latest_checkpoint(out)
+    assert json.loads((latest / "meta.json").read_text())["step"] == 30  # in epoch 2, before its validation
+    assert [r["epoch"] for r in records(out) if "val/rmse" in r] == [1]  # every line parses; epoch 2 never logged
+    resumed = run(tmp_path, "--epochs", "2", "--checkpoint_every", "30", "--resume_from", "latest", name="crashed")
+    assert resumed["epochs_run"] == 2 and [r["epoch"] for r in records(out) if "val/rmse" in r] == [1, 2]
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -123,35 +215,75 @@ def test_bad_input_exits_with_one_clear_line(tmp_path, args, message):
     assert "Traceback" not in proc.stderr
 
 
-def test_kill_9_mid_epoch_then_resume_gives_bit_identical_weights(tmp_path):
-    """A hard kill after a mid-epoch checkpoint loses nothing: RNG, sampler position, EMA, AMNL, guard restored."""
-    import signal
+EXACT_ARGS = [*SMALL, "--epochs", "2", "--checkpoint_every", "7"]
+SCRIPT = [sys.executable, "train_dual_task.py"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The reference for the interrupted runs below: the same arguments, never stopped."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    subprocess.run([*SCRIPT, *EXACT_ARGS, "--output_dir", str(out)], cwd=REPO, check=True, capture_output=True,
+                   timeout=300)
+    return out
+
+
+def start_and_wait_for_checkpoint(out: Path, min_step: int) -> subprocess.Popen:
+    """Start a run and return once it has saved a checkpoint at or after `min_step`."""
     import time
 
     from common.checkpoint import find_latest_checkpoint
 
-    args = [*SMALL, "--epochs", "2", "--checkpoint_every", "7"]
-    script = [sys.executable, "train_dual_task.py"]
-    subprocess.run([*script, *args, "--output_dir", str(tmp_path / "full")], cwd=REPO, check=True,
-                   capture_output=True, timeout=300)
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen([*script, *args, "--output_dir", str(killed)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([*SCRIPT, *EXACT_ARGS, "--output_dir", str(out)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline:
-        latest = find_latest_checkpoint(killed)
-        if latest is not None and json.loads((latest / "meta.json").read_text())["step"] >= 35:
-            break  # in the second epoch, mid-way
+    while time.time() < deadline and proc.poll() is None:
+        latest = find_latest_checkpoint(out)
+        if latest is not None and json.loads((latest / "meta.json").read_text())["step"] >= min_step:
+            return proc
         time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "results.json").exists(), "the run finished before it could be killed"
-    subprocess.run([*script, *args, "--output_dir", str(killed), "--resume_from", "latest"], cwd=REPO, check=True,
+    raise AssertionError(f"no checkpoint at step >= {min_step}: {proc.poll()=}")
+
+
+def resume_and_compare(out: Path, reference: Path) -> None:
+    subprocess.run([*SCRIPT, *EXACT_ARGS, "--output_dir", str(out), "--resume_from", "latest"], cwd=REPO, check=True,
                    capture_output=True, timeout=300)
-    full, resumed = load_file(tmp_path / "full" / "model.safetensors"), load_file(killed / "model.safetensors")
+    full, resumed = load_file(reference / "model.safetensors"), load_file(out / "model.safetensors")
     assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
-    a, b = (json.loads((p / "results.json").read_text()) for p in (tmp_path / "full", killed))
+    a, b = (json.loads((p / "results.json").read_text()) for p in (reference, out))
     assert a["test_rmse"] == b["test_rmse"] and a["best_val_rmse"] == b["best_val_rmse"]
+    assert a["optimizer_steps"] == b["optimizer_steps"]
+
+
+def test_kill_9_mid_epoch_then_resume_gives_bit_identical_weights(tmp_path, uninterrupted):
+    """A hard kill after a mid-epoch checkpoint loses nothing: RNG, sampler position, EMA, AMNL, guard restored."""
+    import signal
+
+    proc = start_and_wait_for_checkpoint(tmp_path / "killed", min_step=35)  # in the second epoch, mid-way
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert not (tmp_path / "killed" / "results.json").exists(), "the run finished before it could be killed"
+    resume_and_compare(tmp_path / "killed", uninterrupted)
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_a_signal_finishes_the_step_saves_and_exits_75_then_resumes_exactly(tmp_path, uninterrupted, signal_name):
+    import signal
+
+    from common.checkpoint import find_latest_checkpoint
+    from common.preemption import EXIT_PREEMPTED
+
+    out = tmp_path / "preempted"
+    proc = start_and_wait_for_checkpoint(out, min_step=7)
+    proc.send_signal(getattr(signal, signal_name))
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED == 75, stderr[-2000:]
+    assert f"received {signal_name}" in stderr and "Traceback" not in stderr
+    assert not (out / "results.json").exists()
+    # The checkpoint is of the step it stopped on (not merely the last periodic one).
+    stopped_at = int(stdout.split("stopped by a signal at step ")[1].split()[0])
+    assert json.loads((find_latest_checkpoint(out) / "meta.json").read_text())["step"] == stopped_at >= 7
+    resume_and_compare(out, uninterrupted)
 
 
 def test_no_host_sync_per_training_step(tmp_path, monkeypatch):

@@ -437,3 +437,78 @@ def test_resume_from_a_checkpoint_continues_exactly(tiny_model, screenshots, tmp
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     last = load_file(tmp_path / "straight/checkpoints/step_00000004/model.safetensors")
     assert any(not torch.equal(saved[k], last[k]) for k in saved)  # steps 3 and 4 did change the weights
+
+
+# ----------------------------------------------------------------------------------------------
+# Never lose a run: kill, preemption, resume after a fallback and at an epoch boundary
+# ----------------------------------------------------------------------------------------------
+
+
+def small_run_args(tiny_model, screenshots, tmp_path, *extra):
+    train = write_manifest(tmp_path / "train.jsonl", records_of(screenshots, "train", 32))
+    val = write_manifest(tmp_path / "val.jsonl", records_of(screenshots, "val", 8))
+    return ["--model", tiny_model, "--train_data", train, "--val_data", val, "--batch_size", 8, "--grad_accum_steps", 1,
+            "--epochs", 3, "--checkpoint_every", 1, "--lr", 1e-3, "--num_workers", 0, "--num_threads", 1, *extra]
+
+
+def assert_same_adapter(a: Path, b: Path):
+    from safetensors.torch import load_file
+
+    first, second = (load_file(p / "adapter/adapter_model.safetensors") for p in (a, b))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGTERM"])
+def test_killed_or_preempted_run_resumes_to_the_same_adapter(tiny_model, screenshots, tmp_path, signal_name):
+    """kill -9 loses nothing past the last checkpoint; SIGTERM checkpoints the current step and exits 75."""
+    import signal
+    import time
+
+    from common.checkpoint import find_latest_checkpoint
+
+    args = [str(a) for a in small_run_args(tiny_model, screenshots, tmp_path)]
+    run_main(*args, "--output_dir", tmp_path / "straight")
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, "train_llava.py", *args, "--output_dir", str(out)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        latest = find_latest_checkpoint(out)
+        if latest is not None and json.loads((latest / "meta.json").read_text())["step"] >= 2:
+            break
+        time.sleep(0.01)
+    proc.send_signal(getattr(signal, signal_name))
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == (-signal.SIGKILL if signal_name == "SIGKILL" else 75), stderr[-2000:]
+    assert not (out / "results.json").exists() and not (out / "adapter").exists()
+    if signal_name == "SIGTERM":
+        stopped_at = int(stdout.split("stopped by a signal at step ")[1].split()[0])
+        assert json.loads((find_latest_checkpoint(out) / "meta.json").read_text())["step"] == stopped_at < 12
+    run_main(*args, "--output_dir", out, "--resume_from", "latest")
+    assert_same_adapter(tmp_path / "straight", out)
+
+
+def test_resume_after_a_fallback_or_at_an_epoch_boundary_is_exact(tiny_model, screenshots, tmp_path, monkeypatch):
+    import shutil
+
+    real_answer_logits = train_llava.answer_logits
+    training_forwards = {"n": 0}
+
+    def nan_at_update_3(model, inputs, answer_ids):
+        logits = real_answer_logits(model, inputs, answer_ids)
+        training_forwards["n"] += model.training
+        return logits * float("nan") if model.training and training_forwards["n"] == 3 else logits
+
+    monkeypatch.setattr(train_llava, "answer_logits", nan_at_update_3)
+    args = small_run_args(tiny_model, screenshots, tmp_path, "--epochs", 2, "--mixed_precision", "bf16",
+                          "--log_every", 1, "--keep_checkpoints", 100)
+    straight = run_main(*args, "--output_dir", tmp_path / "straight")
+    assert straight["fell_back_to_fp32_at_step"] == 3 and straight["optimizer_steps"] == 8
+    training_forwards["n"] = -1_000_000  # the NaN lies in the past of the resumed runs
+    for step in (4, 5):  # the epoch end (after the fallback), and the first step of the next epoch
+        checkpoint = tmp_path / "straight" / "checkpoints" / f"step_{step:08d}"
+        shutil.copytree(checkpoint, tmp_path / f"from_{step}" / "checkpoints" / checkpoint.name)
+        resumed = run_main(*args, "--output_dir", tmp_path / f"from_{step}", "--resume_from", "latest")
+        assert resumed["fell_back_to_fp32_at_step"] == 3
+        assert_same_adapter(tmp_path / "straight", tmp_path / f"from_{step}")
+        assert resumed["val_accuracy"] == straight["val_accuracy"]
