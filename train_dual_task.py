@@ -382,6 +382,8 @@ class TrainState:
     plateau_best: float = math.inf  # ReduceLROnPlateau, written out: stateless except for these
     plateau_bad_epochs: int = 0
     plateau_factor: float = 1.0
+    train_samples: int = 0  # over finished epochs, this process: for the throughput in results.json
+    train_seconds: float = 0.0
     best_weights: dict = field(default_factory=dict)  # EMA weights at the best epoch
 
     def state_dict(self):
@@ -543,6 +545,8 @@ def train(cfg, accelerator, model, optimizer, train_loader, val_loader, loss_fn,
         # End of epoch: validate with the EMA weights, then plateau, early stopping, best weights.
         guard.poll(state.step)
         epoch_seconds = time.perf_counter() - epoch_start
+        state.train_samples += samples
+        state.train_seconds += epoch_seconds
         with ema.swapped_in():
             val = evaluate(model, val_loader, accelerator, cfg.rul_cap)
             improved = val["rmse"] < state.best_val_rmse
@@ -684,6 +688,8 @@ def main(argv=None):
         "epochs_run": state.epoch,
         "optimizer_steps": state.step,
         "wall_seconds": time.perf_counter() - wall_start,
+        "train_samples_per_second": state.train_samples * accelerator.num_processes / state.train_seconds
+        if state.train_seconds else None,
         "peak_memory_mb": peak_memory_mb(accelerator.device),
         "num_processes": accelerator.num_processes,
         "distributed_type": str(accelerator.distributed_type.value),

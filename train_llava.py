@@ -381,6 +381,8 @@ class TrainState:
     batches_done: int = 0  # micro-batches consumed in the current epoch
     best_score: float = -math.inf
     best_step: int = -1
+    train_samples: int = 0  # over finished epochs, this process: for the throughput in results.json
+    train_seconds: float = 0.0
     best_weights: dict = field(default_factory=dict)  # LoRA weights (EMA if on) at the best validation
 
     def state_dict(self):
@@ -473,6 +475,8 @@ def train(cfg, accelerator, model, optimizer, train_loader, val_loader, val_samp
 
         guard.poll(state.step)
         seconds = time.perf_counter() - epoch_start
+        state.train_samples += samples
+        state.train_seconds += seconds
         state.epoch += 1
         state.batches_done = 0
         improved = validate()
@@ -730,6 +734,8 @@ def main(argv=None):
     results |= {"best_step": state.best_step, "best_metric": cfg.best_metric, "epochs_run": state.epoch,
                 "optimizer_steps": state.step, "skipped_bad_images": len(skipped) + len(bad_images),
                 "wall_seconds": time.perf_counter() - wall_start, "peak_memory_mb": peak_memory_mb(accelerator.device),
+                "train_samples_per_second": (state.train_samples * accelerator.num_processes / state.train_seconds
+                                             if state.train_seconds else None),
                 "num_processes": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type.value),
                 "mixed_precision": accelerator.mixed_precision, "fell_back_to_fp32_at_step": guard.fallback_step,
                 "seed": cfg.seed}

@@ -40,6 +40,7 @@ def test_two_epochs_learn_and_write_every_output(tmp_path):
     assert saved["epochs_run"] == 2 and saved["best_epoch"] in (1, 2) and saved["num_processes"] == 1
     assert saved["distributed_type"] == "NO" and saved["mixed_precision"] == "no" and saved["seed"] == 42
     assert saved["test_engines"] == 100
+    assert saved["train_samples_per_second"] > 0 and saved["peak_memory_mb"] > 0
     # The task losses fall, and the model beats a constant guess by a wide margin (std of RUL ~ 40 cycles).
     steps = [r for r in records(out) if "train/rul_loss" in r]
     assert steps[-1]["train/rul_loss"] < 0.5 * steps[0]["train/rul_loss"]
@@ -70,6 +71,19 @@ def test_resume_from_latest_continues_the_run(tmp_path):
     assert mid["optimizer_steps"] == steps_per_epoch and mid["epochs_run"] == 1
     logged = [r["step"] for r in records(tmp_path / "mid") if "train/loss" in r]
     assert logged == sorted(set(logged))  # no step logged twice after the resume
+
+
+def test_the_same_seed_gives_identical_metrics_and_another_seed_does_not(tmp_path):
+    timing = {"wall_seconds", "peak_memory_mb", "train_samples_per_second", "train/samples_per_second"}
+
+    def metrics(name):
+        return [{k: v for k, v in r.items() if k not in timing} for r in records(tmp_path / name)]
+
+    a, b, c = (run(tmp_path, "--max_steps", "30", "--seed", seed, name=f"{name}")
+               for name, seed in [("a", "7"), ("b", "7"), ("c", "8")])
+    assert metrics("a") == metrics("b") and len(metrics("a")) > 5
+    assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
+    assert a["test_rmse"] != c["test_rmse"] and metrics("a") != metrics("c")
 
 
 def test_refuses_to_mix_a_new_run_into_an_old_output_dir(tmp_path):

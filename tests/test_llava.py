@@ -5,6 +5,7 @@ reuse them. Runs call `main()` in-process (resetting Accelerate's singletons aro
 one test goes through the command line to check the exit code and the one-line error.
 """
 
+import contextlib
 import json
 import math
 import subprocess
@@ -335,6 +336,7 @@ def test_tiny_model_learns_the_synthetic_task(trained_run):
     assert saved["val_per_subset"]["popup"]["malicious"] + saved["val_per_subset"]["banner"]["malicious"] == 50
     assert 0 <= saved["val_per_subset"]["article"]["fpr"] <= 1
     assert saved["best_metric"] == "auroc" and saved["skipped_bad_images"] == 0
+    assert saved["train_samples_per_second"] > 0 and saved["peak_memory_mb"] > 0
     for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/processor_config.json",
                  "adapter/detector.json", "roc_curve.png", "metrics.jsonl", "val_predictions.jsonl", "merged/config.json"):
         assert (output_dir / name).is_file(), name
@@ -512,3 +514,81 @@ def test_resume_after_a_fallback_or_at_an_epoch_boundary_is_exact(tiny_model, sc
         assert resumed["fell_back_to_fp32_at_step"] == 3
         assert_same_adapter(tmp_path / "straight", tmp_path / f"from_{step}")
         assert resumed["val_accuracy"] == straight["val_accuracy"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: one line naming the problem and the fix, and nothing of an existing run touched
+# ----------------------------------------------------------------------------------------------
+
+
+def png_claiming_size(path: Path, width: int, height: int) -> Path:
+    """A tiny PNG file whose header claims width x height (what a decompression bomb looks like)."""
+    import io
+    import struct
+    import zlib
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 1), "white").save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    ihdr = data[12:29]  # b"IHDR" + 13 bytes of header fields
+    ihdr[4:12] = struct.pack(">II", width, height)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
+    path.write_bytes(bytes(data))
+    return path
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case, message", [
+    ("empty manifest", r"empty.jsonl holds no usable images; add lines like"),
+    ("missing manifest", r"data path .*nowhere.jsonl does not exist; pass a JSONL manifest"),
+    ("not JSON", r'garbled.jsonl line 2 is not a JSON object with a "path"; fix the line or pass --skip_bad_images'),
+    ("unknown key", r"unknown config key 'lora_rank' in the command line \(did you mean 'lora_r'\?\)"),
+    ("wrong type", r"config key 'lora_r' expects int, got 'eight'"),
+])
+def test_bad_input_leaves_an_existing_run_untouched(trained_run, screenshots, tmp_path, case, message):
+    """Each case is refused before anything is written, even when resuming into a finished run's folder."""
+    output_dir, _ = trained_run
+    before = snapshot(output_dir)
+    good = write_manifest(tmp_path / "good.jsonl", records_of(screenshots, "val", 4))
+    manifest = {
+        "empty manifest": lambda: write_manifest(tmp_path / "empty.jsonl", []),
+        "missing manifest": lambda: tmp_path / "nowhere.jsonl",
+        "not JSON": lambda: tmp_path / "garbled.jsonl",
+    }.get(case, lambda: good)()
+    (tmp_path / "garbled.jsonl").write_text(good.read_text().splitlines()[0] + "\n{'path': oops\n")
+    extra = {"unknown key": ["--lora_rank", 8], "wrong type": ["--lora_r", "eight"]}.get(case, [])
+    with pytest.raises(UserError, match=message) as err:
+        run_main("--train_data", manifest, "--val_data", good, "--output_dir", output_dir, "--resume_from", "latest",
+                 *extra)
+    assert "\n" not in str(err.value)
+    assert snapshot(output_dir) == before
+
+
+def test_a_new_run_into_a_folder_holding_another_is_refused(trained_run, screenshots, tmp_path):
+    output_dir, _ = trained_run
+    good = write_manifest(tmp_path / "good.jsonl", records_of(screenshots, "val", 4))
+    with pytest.raises(UserError, match=r"already holds a run; pass --resume_from latest to continue it, --overwrite"):
+        run_main("--train_data", good, "--val_data", good, "--output_dir", output_dir)
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("gigantic", r"gigantic.png \(ValueError: 10000x10000 pixels is over the 89,478,485-pixel limit\)"),
+    ("truncated", r"truncated.jpg \(OSError: Truncated File Read\)"),
+])
+def test_gigantic_and_truncated_images_are_named(tiny_model, screenshots, tmp_path, kind, message):
+    if kind == "gigantic":
+        png_claiming_size(tmp_path / "gigantic.png", 10_000, 10_000)
+    else:
+        Image.new("RGB", (300, 200), "white").save(tmp_path / "truncated.jpg")
+        (tmp_path / "truncated.jpg").write_bytes((tmp_path / "truncated.jpg").read_bytes()[:200])
+    name = "gigantic.png" if kind == "gigantic" else "truncated.jpg"
+    train = write_manifest(tmp_path / "train.jsonl", [{"path": name, "label": 1}] + records_of(screenshots, "train", 3))
+    with pytest.warns(Image.DecompressionBombWarning) if kind == "gigantic" else contextlib.nullcontext():
+        with pytest.raises(UserError, match=rf"^cannot read image .*{message}.*; fix or remove it, or pass "
+                                            rf"--skip_bad_images$"):
+            run_main("--model", tiny_model, "--train_data", train, "--val_data", train, "--output_dir", tmp_path / "out",
+                     "--num_workers", 0, "--batch_size", 4)
