@@ -115,3 +115,53 @@ def test_fsdp_on_a_machine_without_gpus_is_refused_not_silently_ddp(tmp_path, sc
     assert proc.returncode != 0
     assert "error: FSDP was requested, but Accelerate set up MULTI_CPU" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def llava_inputs(tmp_path_factory):
+    from tools.make_synthetic_screenshots import make_dataset
+    from tools.make_tiny_llava import build_tiny_llava
+
+    root = tmp_path_factory.mktemp("llava")
+    data = make_dataset(root / "screenshots", {"train": 32, "val": 9}, seed=0)  # 9: an uneven split over 2 ranks
+    return build_tiny_llava(root / "model"), data
+
+
+def llava_args(model, data, *extra):
+    return ["--model", str(model), "--train_data", str(data / "train.jsonl"), "--val_data", str(data / "val.jsonl"),
+            "--lora_dropout", "0", "--max_steps", "4", "--log_every", "1", "--num_workers", "0", "--num_threads", "1",
+            "--grad_accum_steps", "1", "--lr", "1e-3", *map(str, extra)]
+
+
+def test_llava_two_processes_train_like_one_with_the_same_global_batch(tmp_path, llava_inputs):
+    model, data = llava_inputs
+    run([sys.executable, "train_llava.py", *llava_args(model, data, "--batch_size", 8, "--output_dir", tmp_path / "one")])
+    run([*launch(), "--config_file", "accelerate_configs/ddp.yaml", "train_llava.py",
+         *llava_args(model, data, "--batch_size", 4, "--output_dir", tmp_path / "two")])
+    one, two = json.loads((tmp_path / "one" / "results.json").read_text()), json.loads((tmp_path / "two" / "results.json").read_text())
+    assert (one["num_processes"], one["distributed_type"]) == (1, "NO")
+    assert (two["num_processes"], two["distributed_type"]) == (2, "MULTI_CPU")
+    assert one["optimizer_steps"] == two["optimizer_steps"] == 4
+    assert one["val_num_samples"] == two["val_num_samples"] == 9  # the padded duplicate is dropped
+    # Same 8 samples per update: the mean loss of two halves of 4 equals the loss of 8 (to float rounding).
+    for a, b in zip(steps(tmp_path / "one"), steps(tmp_path / "two"), strict=True):
+        assert a["step"] == b["step"] and a["train/lr"] == b["train/lr"]
+        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-4)
+    assert two["val_accuracy"] == one["val_accuracy"]
+
+
+def test_llava_a_corrupt_image_seen_by_one_rank_stops_every_rank(tmp_path, llava_inputs):
+    """The unreadable image lands on one process; the job still ends at once with the one-line error."""
+    model, data = llava_inputs
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    lines = (data / "train.jsonl").read_text().splitlines()
+    records = [dict(json.loads(line), path=str(data / json.loads(line)["path"])) for line in lines]
+    records[5] = {"path": str(tmp_path / "corrupt.png"), "label": 1}
+    manifest = tmp_path / "train.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
+    proc = run([*launch(), "--config_file", "accelerate_configs/ddp.yaml", "train_llava.py",
+                *llava_args(model, data, "--batch_size", 4, "--train_data", manifest, "--output_dir", tmp_path / "out")],
+               expect_ok=False)
+    assert proc.returncode != 0
+    assert "error: cannot read image" in proc.stderr and "corrupt.png" in proc.stderr
+    assert not (tmp_path / "out" / "results.json").exists()
