@@ -93,6 +93,8 @@ class NonFiniteGuard:
         finite = self._window_loss_finite.clone()
         self._window_loss_finite.fill_(True)
         if self.accelerator.scaler is None:  # under fp16 the scaler owns inf gradients
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a replicated DTensor, the same value on every rank
+                grad_norm = grad_norm.full_tensor()
             finite &= torch.isfinite(grad_norm.detach().to(finite.device))
         if self.accelerator.num_processes > 1:
             flag = finite.to(torch.int32)

@@ -165,3 +165,122 @@ def test_llava_a_corrupt_image_seen_by_one_rank_stops_every_rank(tmp_path, llava
     assert proc.returncode != 0
     assert "error: cannot read image" in proc.stderr and "corrupt.png" in proc.stderr
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+FSDP2_SCRIPT = '''
+"""Each rank: a model sharded with FSDP2's fully_shard on a 2-process gloo mesh, next to an unsharded copy."""
+import json, sys
+from pathlib import Path
+import torch
+import torch.distributed.checkpoint as dcp
+from accelerate import Accelerator
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from common.ema import EMA
+from common.guard import NonFiniteGuard
+
+accelerator = Accelerator(cpu=True)
+rank, out = accelerator.process_index, Path(sys.argv[1])
+mesh = init_device_mesh("cpu", (accelerator.num_processes,))
+
+
+def make(seed):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+
+
+def shard(model):
+    for layer in (model[0], model[2]):
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def full(tensors, like):  # gather local shards (or DTensors) into full tensors, for comparison
+    return [DTensor.from_local(t, p.device_mesh, p.placements).full_tensor() if not isinstance(t, DTensor)
+            else t.full_tensor() for t, p in zip(tensors, like)]
+
+
+reference, sharded = make(0), shard(make(0))
+params = list(sharded.parameters())
+assert all(isinstance(p, DTensor) and p.to_local().numel() < p.numel() for p in params[::2])  # really sharded
+opt_ref = torch.optim.AdamW(reference.parameters(), lr=0.05, fused=True)
+opt = torch.optim.AdamW(params, lr=0.05, fused=True)
+ema_ref, ema = EMA(reference.parameters(), decay=0.9), EMA(params, decay=0.9)
+guard = NonFiniteGuard(accelerator, sharded, opt)
+torch.manual_seed(1)
+report = []
+for step in range(5):
+    x = torch.randn(6, 8)  # the same batch on both ranks, so the sharded model must follow the reference
+    loss = sharded(x).square().mean()
+    if step == 2 and rank == 1:
+        loss = loss * float("nan")  # on one rank only
+    loss.backward()
+    reference(x).square().mean().backward()
+    norm = torch.nn.utils.clip_grad_norm_(params, 0.5)
+    norm_ref = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
+    guard.record_loss(loss)
+    finite = bool(guard.mask_nonfinite_update(norm))
+    before = [p.full_tensor().clone() for p in params]
+    opt.step()
+    if step != 2:
+        opt_ref.step()  # the reference simply leaves out the update the guard must skip
+    opt.zero_grad()
+    opt_ref.zero_grad()
+    ema.update()
+    ema_ref.update()
+    report.append({
+        "finite": finite,
+        "changed": any(not torch.equal(b, p.full_tensor()) for b, p in zip(before, params)),
+        "norm_matches": step == 2 or torch.allclose(norm.full_tensor(), norm_ref, rtol=1e-5),
+        "weights_match": all(torch.allclose(p.full_tensor(), r, atol=1e-6) for p, r in zip(params, reference.parameters())),
+        "ema_matches": all(torch.allclose(e, r, atol=1e-6) for e, r in zip(full(ema.shadow, params), ema_ref.shadow)),
+    })
+fell_back = guard.poll(5)
+
+# Swap the average in for evaluation and back out, on the shards.
+training_weights = [p.full_tensor().clone() for p in params]
+with ema.swapped_in():
+    swapped_is_ema = all(torch.equal(p.full_tensor(), e) for p, e in zip(params, full(ema.shadow, params)))
+    with torch.no_grad(), ema_ref.swapped_in():
+        eval_matches = torch.allclose(sharded(torch.ones(2, 8)), reference(torch.ones(2, 8)), atol=1e-6)
+restored = all(torch.equal(p.full_tensor(), w) for p, w in zip(params, training_weights))
+
+# Save and load: the sharded state dict with torch.distributed.checkpoint, the EMA shards per rank,
+# and the gathered full state dict (every rank takes part; rank 0 would write it).
+dcp.save(sharded.state_dict(), checkpoint_id=str(out / "dcp"))
+torch.save(ema.state_dict(), out / f"ema_rank{rank}.pt")
+fresh = shard(make(123))
+state = fresh.state_dict()
+dcp.load(state, checkpoint_id=str(out / "dcp"))
+fresh.load_state_dict(state)
+fresh_ema = EMA(fresh.parameters(), decay=0.9)
+fresh_ema.load_state_dict(torch.load(out / f"ema_rank{rank}.pt", weights_only=True))
+gathered = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+result = {
+    "report": report, "fell_back": fell_back, "lr_scale": guard.lr_scale,
+    "swapped_is_ema": swapped_is_ema, "eval_matches": eval_matches, "restored": restored,
+    "loaded_weights_equal": all(torch.equal(a.full_tensor(), b.full_tensor()) for a, b in zip(fresh.parameters(), params)),
+    "loaded_ema_equal": all(torch.equal(a, b) for a, b in zip(fresh_ema.shadow, ema.shadow)),
+    "gathered_equals_reference": rank != 0 or all(torch.allclose(gathered[k], v, atol=1e-6)
+                                                  for k, v in reference.state_dict().items()),
+    "local_shard_sizes": [p.to_local().numel() for p in params],
+}
+(out / f"rank{rank}.json").write_text(json.dumps(result))
+'''
+
+
+def test_fsdp2_shards_ema_guard_clipping_and_state_dicts_match_the_unsharded_computation(tmp_path):
+    script = tmp_path / "fsdp2_helpers.py"
+    script.write_text(FSDP2_SCRIPT)
+    run([*launch(), "--config_file", "accelerate_configs/ddp.yaml", str(script), str(tmp_path)])
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0["local_shard_sizes"] != [] and sum(rank0["local_shard_sizes"]) + sum(rank1["local_shard_sizes"]) == 8 * 16 + 16 + 16 * 4 + 4
+    for rank in (rank0, rank1):
+        assert [r["finite"] for r in rank["report"]] == [True, True, False, True, True]  # the NaN on rank 1 only
+        assert [r["changed"] for r in rank["report"]] == [True, True, False, True, True]  # skipped on both ranks
+        assert all(r["norm_matches"] and r["weights_match"] and r["ema_matches"] for r in rank["report"])
+        assert rank["fell_back"] is True and rank["lr_scale"] == 0.5
+        assert rank["swapped_is_ema"] and rank["eval_matches"] and rank["restored"]
+        assert rank["loaded_weights_equal"] and rank["loaded_ema_equal"] and rank["gathered_equals_reference"]
