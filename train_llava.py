@@ -333,6 +333,15 @@ def trainable_state(model) -> dict:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def gathered_adapter_state(accelerator, model) -> dict:
+    """The LoRA weights as full CPU tensors, for save_pretrained. Under FSDP2 each is a DTensor shard and
+    `full_tensor()` is a collective: every process must call this; only the main process writes. Gathering
+    just the adapters (not `accelerator.get_state_dict`, which would gather the frozen base too) keeps a
+    7B model's gather to a few MB."""
+    return {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
+            for name, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+
+
 def checkpoint_trainable_only(accelerator) -> None:
     """Checkpoints hold the LoRA weights only: save_state would otherwise write the frozen base too."""
     from safetensors.torch import load_file
@@ -728,7 +737,7 @@ def main(argv=None):
 
     # Save what the ecosystem loads: the adapter (save_pretrained) and the processor beside it.
     adapter_dir = output_dir / "adapter"
-    state_dict = accelerator.get_state_dict(model)  # a collective call under FSDP: every process
+    state_dict = gathered_adapter_state(accelerator, model)  # a collective call under FSDP: every process
     bad_images = set().union(*gather_object([sorted(bad_seen)]))  # unreadable files seen by any process
     results = {f"{split}_{k}": v for split, m in final.items() for k, v in m.items() if k not in ("roc", "scored")}
     results |= {"best_step": state.best_step, "best_metric": cfg.best_metric, "epochs_run": state.epoch,

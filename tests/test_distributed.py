@@ -284,3 +284,82 @@ def test_fsdp2_shards_ema_guard_clipping_and_state_dicts_match_the_unsharded_com
         assert rank["fell_back"] is True and rank["lr_scale"] == 0.5
         assert rank["swapped_is_ema"] and rank["eval_matches"] and rank["restored"]
         assert rank["loaded_weights_equal"] and rank["loaded_ema_equal"] and rank["gathered_equals_reference"]
+
+
+ADAPTER_SCRIPT = '''
+"""Each rank: a LoRA model sharded with FSDP2; every rank gathers the adapter, rank 0 writes it."""
+import json, sys
+from pathlib import Path
+import torch
+from accelerate import Accelerator
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from train_llava import gathered_adapter_state
+
+accelerator = Accelerator(cpu=True)
+out = Path(sys.argv[1])
+
+
+def make_base():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+
+
+def make():
+    return get_peft_model(make_base(), LoraConfig(r=4, target_modules=["0", "2"], init_lora_weights=False))
+
+
+reference, model = make(), make()
+mesh = init_device_mesh("cpu", (accelerator.num_processes,))
+for layer in (model.base_model.model[0], model.base_model.model[2]):
+    fully_shard(layer, mesh=mesh)
+fully_shard(model, mesh=mesh)
+state = gathered_adapter_state(accelerator, model)  # every rank
+if accelerator.is_main_process:
+    model.save_pretrained(out / "adapter", state_dict=state)
+accelerator.wait_for_everyone()
+expected = {n: p for n, p in reference.named_parameters() if p.requires_grad}
+reloaded = PeftModel.from_pretrained(make_base(), out / "adapter")
+x = torch.randn(3, 8)
+(out / f"rank{accelerator.process_index}.json").write_text(json.dumps({
+    "keys_match": sorted(state) == sorted(expected),
+    "values_match": all(torch.equal(state[n], expected[n].detach()) for n in expected),
+    "reloaded_matches": torch.allclose(reloaded(x), reference(x)) and not torch.allclose(make_base()(x), reference(x)),
+    "sharded": any(p.to_local().numel() < p.numel() for p in model.parameters() if hasattr(p, "to_local")),
+}))
+'''
+
+
+def test_llava_adapter_is_gathered_by_every_rank_and_written_once_under_fsdp2(tmp_path):
+    script = tmp_path / "adapter_fsdp2.py"
+    script.write_text(ADAPTER_SCRIPT)
+    run([*launch(), "--config_file", "accelerate_configs/ddp.yaml", str(script), str(tmp_path)])
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == {
+            "keys_match": True, "values_match": True, "reloaded_matches": True, "sharded": True}
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["README.md", "adapter_config.json",
+                                                                         "adapter_model.safetensors"]
+
+
+def test_checkpoints_are_saved_by_every_rank_written_once_and_resume_on_two_processes(tmp_path):
+    ddp = [*SMALL, "--batch_size", "256", "--log_every", "1", "--checkpoint_every", "3", "--keep_checkpoints", "10"]
+    out = tmp_path / "run"
+    run([*launch(), "--config_file", "accelerate_configs/ddp.yaml", "train_dual_task.py", *ddp, "--max_steps", "6",
+         "--output_dir", str(out)])
+    checkpoint = out / "checkpoints" / "step_00000006"
+    assert sorted(p.name for p in checkpoint.iterdir()) == [
+        "meta.json", "model.safetensors", "optimizer.bin", "random_states_0.pkl", "random_states_1.pkl",
+        "train_state_rank0.pt", "train_state_rank1.pt"]  # shared state once, per-rank state per rank
+    assert json.loads((checkpoint / "meta.json").read_text()) == {"step": 6, "num_processes": 2}
+    assert (out / "checkpoints" / "LATEST").read_text() == "step_00000006"
+    assert not list((out / "checkpoints").glob(".tmp*"))
+    run([*launch(), "--config_file", "accelerate_configs/ddp.yaml", "train_dual_task.py", *ddp, "--max_steps", "9",
+         "--output_dir", str(out), "--resume_from", "latest"])
+    resumed = json.loads((out / "results.json").read_text())
+    assert resumed["optimizer_steps"] == 9 and resumed["num_processes"] == 2
+    assert [r["step"] for r in steps(out)] == list(range(1, 10))  # each step logged once, by one process
+    # One process cannot continue a two-process checkpoint: a clear error, not a silent mismatch.
+    proc = run([sys.executable, "train_dual_task.py", *ddp, "--max_steps", "12", "--output_dir", str(out),
+                "--resume_from", "latest"], expect_ok=False)
+    assert proc.returncode == 2 and "written by 2 processes; resume it with the same number of processes" in proc.stderr
