@@ -16,7 +16,7 @@ DATA = Path(__file__).resolve().parents[1] / "data" / "cmapss"
 
 @pytest.fixture(scope="module")
 def fd001():
-    return load_cmapss(Config(subset="FD001", data_dir=str(DATA), smoothing=0.0))
+    return load_cmapss(Config(subset="FD001", data_dir=str(DATA), smoothing=0.0, cycle_feature=False))
 
 
 def test_fd001_shapes_caps_and_engine_split(fd001):
@@ -29,6 +29,21 @@ def test_fd001_shapes_caps_and_engine_split(fd001):
     assert train.rul.max() == 125 and train.rul.min() == 0  # piecewise-linear cap, run to failure
     assert test.rul.max() <= 125 and test.rul.min() == 7  # RUL_FD001 spans 7..145, capped at 125
     assert torch.isfinite(train.x).all() and torch.isfinite(test.x).all()
+
+
+def test_the_cycle_feature_is_the_cycle_number_scaled_by_the_training_engines(fd001):
+    data = load_cmapss(Config(subset="FD001", data_dir=str(DATA), smoothing=0.0))
+    assert data["train"].x.shape[2] == 15
+    torch.testing.assert_close(data["train"].x[..., :14], fd001["train"].x)  # the sensors are unchanged
+    train = np.loadtxt(DATA / "train_FD001.txt.gz")
+    train_cycles = train[np.isin(train[:, 0], fd001["train"].unit.unique().numpy()), 1]
+    mean, std = train_cycles.mean(), train_cycles.std()
+    # The first training window of engine 1 ends at cycle 30; the test windows end at each engine's last cycle.
+    first = data["train"].x[data["train"].unit == 1][0, :, 14]
+    torch.testing.assert_close(first, torch.tensor((np.arange(1, 31) - mean) / std, dtype=torch.float32))
+    test = np.loadtxt(DATA / "test_FD001.txt.gz")
+    last_cycle = np.array([test[test[:, 0] == u, 1].max() for u in range(1, 101)])
+    torch.testing.assert_close(data["test"].x[:, -1, 14], torch.tensor((last_cycle - mean) / std, dtype=torch.float32))
 
 
 def test_validation_split_depends_on_the_seed():
@@ -48,7 +63,7 @@ def test_normalisation_uses_training_engines_only(fd001, tmp_path):
     test = np.loadtxt(DATA / "test_FD001.txt.gz")
     test[:, 5:] += 100.0
     np.savetxt(tmp_path / "test_FD001.txt", test, fmt="%.4f")
-    distorted = load_cmapss(Config(data_dir=str(tmp_path), smoothing=0.0))
+    distorted = load_cmapss(Config(data_dir=str(tmp_path), smoothing=0.0, cycle_feature=False))
     torch.testing.assert_close(distorted["train"].x, fd001["train"].x, atol=1e-3, rtol=0)
     assert not torch.allclose(distorted["val"].x, fd001["val"].x)
     # and the training rows are standardised by their own statistics: mean ~0, std ~1 per sensor
@@ -60,7 +75,7 @@ def test_normalisation_uses_training_engines_only(fd001, tmp_path):
 def test_fd002_pads_short_test_engines_instead_of_dropping_them():
     data = load_cmapss(Config(subset="FD002", data_dir=str(DATA)))
     test = data["test"]
-    assert test.x.shape == (259, 30, 14)  # all 259 test engines, 6 of them shorter than 30 cycles
+    assert test.x.shape == (259, 30, 15)  # 14 sensors + the cycle number; all 259 test engines, 6 of them shorter than 30 cycles
     raw = np.loadtxt(DATA / "test_FD002.txt.gz")
     lengths = np.bincount(raw[:, 0].astype(int))[1:]
     short = np.flatnonzero(lengths < 30)
