@@ -62,7 +62,7 @@ class EMA:
                 for p, saved in zip(self.parameters, backup):
                     _local(p).copy_(saved)
 
-    # Registered with `accelerator.register_for_checkpointing`, so save_state/load_state carry it.
+    # Saved per rank in train_state_rank{r}.pt by common/checkpoint.py (loaded with weights_only=True).
     def state_dict(self) -> dict:
         return {"decay": self.decay, "num_updates": self.num_updates, "shadow": [t.clone() for t in self.shadow]}
 

@@ -128,7 +128,7 @@ class NonFiniteGuard:
             )
         return False
 
-    # Registered with `accelerator.register_for_checkpointing`.
+    # Saved per rank in train_state_rank{r}.pt by common/checkpoint.py (loaded with weights_only=True).
     def state_dict(self) -> dict:
         return {
             "nonfinite_total": self.nonfinite_total.cpu(),

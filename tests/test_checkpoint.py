@@ -102,3 +102,19 @@ def test_a_checkpoint_from_another_world_size_is_refused(tmp_path, accelerator):
     (path / "meta.json").write_text(json.dumps({"step": 1, "num_processes": 2}))
     with pytest.raises(UserError, match="written by 2 processes"):
         load_checkpoint(accelerator, path, {})
+
+
+class Payload:
+    """What a tampered checkpoint could smuggle in: unpickling it would run code."""
+
+    def __reduce__(self):
+        return (print, ("this ran while loading a checkpoint",))
+
+
+def test_loop_state_is_loaded_with_weights_only(tmp_path, accelerator):
+    model = accelerator.prepare(torch.nn.Linear(2, 2))
+    path = save_checkpoint(accelerator, tmp_path, 1, {"counter": Counter()})
+    torch.save({"counter": {"value": Payload(), "note": "x"}}, path / "train_state_rank0.pt")
+    with pytest.raises(Exception, match="Weights only load failed"):
+        load_checkpoint(accelerator, path, {"counter": Counter()})
+    del model
