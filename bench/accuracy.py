@@ -53,11 +53,13 @@ def main():
                   f"{result['process_seconds']:.0f} s", flush=True)
         rows.append((subset, runs))
 
-    print("\n| subset | seeds | test RMSE | PHM08 score | best val RMSE | epochs run | wall time per run (s) |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| subset | seeds | test RMSE | PHM08 score | best val RMSE | epochs run | wall time per run (s) "
+          "| train samples/s | peak memory (MB) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for subset, runs in rows:
         cells = [mean_std([r[key] for r in runs])
-                 for key in ["test_rmse", "test_score", "best_val_rmse", "epochs_run", "process_seconds"]]
+                 for key in ["test_rmse", "test_score", "best_val_rmse", "epochs_run", "process_seconds",
+                             "train_samples_per_second", "peak_memory_mb"]]
         print(f"| {subset} | {len(runs)} | " + " | ".join(cells) + " |")
 
 

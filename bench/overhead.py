@@ -49,7 +49,7 @@ def bare_loop(model, loader, steps: int, lr: float) -> float:
 
 
 def full_loop(cfg, accelerator, initial_state, splits, workdir: Path) -> float:
-    model = tdt.DualTaskNet(len(cfg.sensors), cfg)
+    model = tdt.DualTaskNet(splits["train"].x.shape[-1], cfg)
     model.load_state_dict(initial_state)
     optimizer = torch.optim.AdamW(tdt.param_groups(model, cfg.weight_decay), lr=cfg.lr, fused=True)
     train_loader = tdt.make_loader(splits["train"], cfg.batch_size, shuffle=True, seed=cfg.seed)
@@ -77,10 +77,10 @@ def main():
     if args.steps >= len(splits["train"].rul) // cfg.batch_size:
         sys.exit("--steps must stay below one epoch, so that no end-of-epoch evaluation is timed")
     torch.manual_seed(cfg.seed)
-    initial_state = copy.deepcopy(tdt.DualTaskNet(len(cfg.sensors), cfg).state_dict())
+    initial_state = copy.deepcopy(tdt.DualTaskNet(splits["train"].x.shape[-1], cfg).state_dict())
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
-    bare_model = tdt.DualTaskNet(len(cfg.sensors), cfg).to(accelerator.device)
+    bare_model = tdt.DualTaskNet(splits["train"].x.shape[-1], cfg).to(accelerator.device)
     bare_loader = tdt.make_loader(splits["train"], cfg.batch_size, shuffle=True, seed=cfg.seed)
 
     bare_times, full_times = [], []
