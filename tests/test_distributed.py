@@ -62,8 +62,16 @@ def test_evaluation_counts_every_sample_once_with_an_uneven_split(tmp_path):
     assert results["test_engines"] == 259 and results["num_processes"] == 2
 
 
+# Each helper script ends like this: the gloo group is destroyed, then the process leaves without the
+# interpreter's C++ teardown, where PyTorch's gloo backend now and then aborts after all the work is done
+# ("terminate called without an active exception", SIGABRT; about 1 run in 50 here, and once in CI).
+END_OF_SCRIPT = """
+accelerator.end_training()
+os._exit(0)
+"""
+
 GUARD_SCRIPT = '''
-import json, sys, torch
+import json, os, sys, torch
 from accelerate import Accelerator
 from common.guard import NonFiniteGuard
 accelerator = Accelerator(cpu=True, mixed_precision="bf16")
@@ -89,10 +97,10 @@ for step in range(1, 4):
     fell_back = guard.poll(step)
     changed = any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     report.append({"finite": bool(finite), "changed": changed, "fell_back": fell_back, "dtype": dtypes[-1]})
-json.dump({"report": report, "lr_scale": guard.lr_scale,
-           "weights": [p.detach().sum().item() for p in model.parameters()]},
-          open(sys.argv[1] + f"/rank{accelerator.process_index}.json", "w"))
-'''
+with open(sys.argv[1] + f"/rank{accelerator.process_index}.json", "w") as f:
+    json.dump({"report": report, "lr_scale": guard.lr_scale,
+               "weights": [p.detach().sum().item() for p in model.parameters()]}, f)
+''' + END_OF_SCRIPT
 
 
 def test_a_nan_on_one_rank_makes_every_rank_skip_and_fall_back_together(tmp_path):
@@ -169,7 +177,7 @@ def test_llava_a_corrupt_image_seen_by_one_rank_stops_every_rank(tmp_path, llava
 
 FSDP2_SCRIPT = '''
 """Each rank: a model sharded with FSDP2's fully_shard on a 2-process gloo mesh, next to an unsharded copy."""
-import json, sys
+import json, os, sys
 from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
@@ -268,7 +276,7 @@ result = {
     "local_shard_sizes": [p.to_local().numel() for p in params],
 }
 (out / f"rank{rank}.json").write_text(json.dumps(result))
-'''
+''' + END_OF_SCRIPT
 
 
 def test_fsdp2_shards_ema_guard_clipping_and_state_dicts_match_the_unsharded_computation(tmp_path):
@@ -288,7 +296,7 @@ def test_fsdp2_shards_ema_guard_clipping_and_state_dicts_match_the_unsharded_com
 
 ADAPTER_SCRIPT = '''
 """Each rank: a LoRA model sharded with FSDP2; every rank gathers the adapter, rank 0 writes it."""
-import json, sys
+import json, os, sys
 from pathlib import Path
 import torch
 from accelerate import Accelerator
@@ -328,7 +336,7 @@ x = torch.randn(3, 8)
     "reloaded_matches": torch.allclose(reloaded(x), reference(x)) and not torch.allclose(make_base()(x), reference(x)),
     "sharded": any(p.to_local().numel() < p.numel() for p in model.parameters() if hasattr(p, "to_local")),
 }))
-'''
+''' + END_OF_SCRIPT
 
 
 def test_llava_adapter_is_gathered_by_every_rank_and_written_once_under_fsdp2(tmp_path):
