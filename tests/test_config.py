@@ -1,4 +1,5 @@
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import yaml
@@ -66,3 +67,16 @@ def test_saved_config_loads_back_identically(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["sensors"] == [4, 5]
     assert parse_config(Cfg, ["--config", str(tmp_path / "config.yaml")]) == cfg
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_experiment_configs_load_and_name_their_subset(path):
+    """A typo in a shipped config would only show when someone runs it; and `--config configs/fd003.yaml`
+    alone must train FD003, not the default subset with FD003's settings."""
+    import train_dual_task
+    import train_llava
+
+    script = train_llava if path.name.startswith("llava") else train_dual_task
+    cfg = parse_config(script.Config, ["--config", str(path)])
+    if path.name.startswith("fd00"):
+        assert cfg.subset == path.stem.upper()
