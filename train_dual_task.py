@@ -19,6 +19,8 @@ Reading order: Config, data, model, loss, train(), evaluate(), main().
 import dataclasses
 import json
 import math
+import os
+import shutil
 import sys
 import time
 import warnings
@@ -34,13 +36,13 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from common.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from common.config import parse_config, save_config
+from common.config import NON_EMPTY, TRACKER, above, at_least, between, check_domains, parse_config, setting
 from common.distributed import refuse_silent_fallbacks
 from common.ema import EMA
-from common.errors import UserError, exit_on_user_error
+from common.errors import UserError, exit_on_user_error, warn
 from common.guard import NonFiniteGuard
 from common.preemption import EXIT_PREEMPTED, Preemption
-from common.run_log import MetricsLog, peak_memory_mb, prepare_output_dir, write_json
+from common.run_log import MetricsLog, check_output_dir, peak_memory_mb, start_run, write_json
 from common.schedules import linear_warmup, set_lr, warmup_cosine
 
 INFORMATIVE_SENSORS = [2, 3, 4, 7, 8, 9, 11, 12, 13, 14, 15, 17, 20, 21]
@@ -49,56 +51,69 @@ INFORMATIVE_SENSORS = [2, 3, 4, 7, 8, 9, 11, 12, 13, 14, 15, 17, 20, 21]
 @dataclass
 class Config:
     # data
-    subset: str = field(default="FD001", metadata={"help": "C-MAPSS subset", "choices": ["FD001", "FD002", "FD003", "FD004"]})
-    data_dir: str = field(default="data/cmapss", metadata={"help": "folder with {train,test,RUL}_FD00x.txt[.gz]"})
-    sensors: list[int] = field(default_factory=lambda: list(INFORMATIVE_SENSORS), metadata={"help": "sensor numbers (1-21) used as inputs"})
-    window: int = field(default=30, metadata={"help": "cycles per input window"})
-    rul_cap: int = field(default=125, metadata={"help": "piecewise-linear RUL cap, for training labels and the true test RUL"})
-    val_fraction: float = field(default=0.2, metadata={"help": "fraction of training engines held out for validation"})
-    healthy_above: int = field(default=50, metadata={"help": "RUL above this is 'healthy'"})
-    critical_at_or_below: int = field(default=15, metadata={"help": "RUL at or below this is 'critical'; between is 'degrading'"})
-    smoothing: float = field(default=0.05, metadata={"help": "causal exponential smoothing of the normalised sensors, weight of the newest cycle (0: off)"})
-    per_condition_norm: bool = field(default=True, metadata={"help": "normalise per operating condition (FD002/FD004 have six; FD001/FD003 one)"})
-    cycle_feature: bool = field(default=True, metadata={"help": "add the cycle number (cycles run so far) as an input feature"})
+    subset: str = setting("FD001", "C-MAPSS subset", choices=["FD001", "FD002", "FD003", "FD004"], same_on_resume=True)
+    data_dir: str = setting("data/cmapss", "folder with {train,test,RUL}_FD00x.txt[.gz]", NON_EMPTY)
+    sensors: list[int] = setting(INFORMATIVE_SENSORS, "sensor numbers used as inputs", between(1, 21), same_on_resume=True)
+    window: int = setting(30, "cycles per input window", at_least(1), same_on_resume=True)
+    rul_cap: int = setting(125, "piecewise-linear RUL cap, for training labels and the true test RUL", at_least(1), same_on_resume=True)
+    val_fraction: float = setting(0.2, "fraction of training engines held out for validation", between(0, 1, low_open=True, high_open=True), same_on_resume=True)
+    healthy_above: int = setting(50, "RUL above this is 'healthy'", at_least(1), same_on_resume=True)
+    critical_at_or_below: int = setting(15, "RUL at or below this is 'critical'; between is 'degrading'", at_least(0), same_on_resume=True)
+    smoothing: float = setting(0.05, "causal exponential smoothing of the normalised sensors, weight of the newest cycle (0: off)", between(0, 1), same_on_resume=True)
+    per_condition_norm: bool = setting(True, "normalise per operating condition (FD002/FD004 have six; FD001/FD003 one)", same_on_resume=True)
+    cycle_feature: bool = setting(True, "add the cycle number (cycles run so far) as an input feature", same_on_resume=True)
     # model
-    conv_channels: int = field(default=64, metadata={"help": "Conv1d channels"})
-    kernel_size: int = field(default=5, metadata={"help": "Conv1d kernel size over time"})
-    hidden_size: int = field(default=64, metadata={"help": "GRU hidden size per direction"})
-    gru_layers: int = field(default=2, metadata={"help": "bidirectional GRU layers"})
-    dropout: float = field(default=0.2, metadata={"help": "dropout in the GRU and heads"})
+    conv_channels: int = setting(64, "Conv1d channels", between(1, 2048), same_on_resume=True)
+    kernel_size: int = setting(5, "Conv1d kernel size over time", between(1, 64), same_on_resume=True)
+    hidden_size: int = setting(64, "GRU hidden size per direction", between(1, 2048), same_on_resume=True)
+    gru_layers: int = setting(2, "bidirectional GRU layers", between(1, 8), same_on_resume=True)
+    dropout: float = setting(0.2, "dropout in the GRU and heads", between(0, 1, high_open=True))
     # loss
-    failure_weight: float = field(default=1.0, metadata={"help": "RUL MSE weight grows from 1 to 1+this as RUL goes to 0"})
-    amnl_decay: float = field(default=0.99, metadata={"help": "decay of the running averages that normalise each task loss"})
-    rul_loss_weight: float = field(default=0.5, metadata={"help": "AMNL weight of the RUL task"})
+    failure_weight: float = setting(1.0, "RUL MSE weight grows from 1 to 1+this as RUL goes to 0", at_least(0))
+    amnl_decay: float = setting(0.99, "decay of the running averages that normalise each task loss", between(0, 1, high_open=True))
+    rul_loss_weight: float = setting(0.5, "AMNL weight of the RUL task", between(0, 1))
     # optimisation
-    epochs: int = field(default=20, metadata={"help": "maximum training epochs"})
-    max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0: no limit)"})
-    batch_size: int = field(default=256, metadata={"help": "windows per micro-batch per process"})
-    grad_accum_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
-    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay (not on biases and norm weights)"})
-    wd_decay_epochs: list[int] = field(default_factory=lambda: [100, 200], metadata={"help": "epochs after which weight decay is multiplied..."})
-    wd_decay_factors: list[float] = field(default_factory=lambda: [0.5, 0.1], metadata={"help": "...by these factors"})
-    warmup_epochs: int = field(default=3, metadata={"help": "linear LR warmup from 0.1x to 1x over these epochs"})
-    scheduler: str = field(default="cosine", metadata={"help": "LR decay after warmup", "choices": ["cosine", "plateau"]})
-    min_lr_factor: float = field(default=0.01, metadata={"help": "lowest LR as a fraction of --lr"})
-    plateau_factor: float = field(default=0.5, metadata={"help": "plateau: multiply the LR by this..."})
-    plateau_patience: int = field(default=5, metadata={"help": "...after this many epochs without a better validation RMSE"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
-    ema_decay: float = field(default=0.995, metadata={"help": "EMA decay of the weights used for evaluation"})
-    early_stopping_patience: int = field(default=20, metadata={"help": "stop after this many epochs without a better validation RMSE"})
-    mixed_precision: str | None = field(default=None, metadata={"help": "None: what accelerate launch set, else no", "choices": ["no", "bf16", "fp16"]})
-    nan_lr_backoff: float = field(default=0.5, metadata={"help": "on the first NaN/Inf update: fp32 from then on, base LR times this"})
-    max_nonfinite_in_a_row: int = field(default=5, metadata={"help": "stop after this many non-finite updates in a row in fp32"})
+    epochs: int = setting(20, "maximum training epochs", at_least(0))
+    max_steps: int = setting(0, "stop after this many optimizer steps (0: no limit)", at_least(0))
+    batch_size: int = setting(256, "windows per micro-batch per process", at_least(1))
+    grad_accum_steps: int = setting(1, "micro-batches per optimizer step", at_least(1))
+    lr: float = setting(1e-3, "peak learning rate", above(0))
+    weight_decay: float = setting(1e-4, "AdamW weight decay (not on biases and norm weights)", at_least(0))
+    wd_decay_epochs: list[int] = setting([100, 200], "epochs after which weight decay is multiplied...", at_least(0))
+    wd_decay_factors: list[float] = setting([0.5, 0.1], "...by these factors", at_least(0))
+    warmup_epochs: int = setting(3, "linear LR warmup from 0.1x to 1x over these epochs", at_least(0))
+    scheduler: str = setting("cosine", "LR decay after warmup", choices=["cosine", "plateau"])
+    min_lr_factor: float = setting(0.01, "lowest LR as a fraction of --lr", between(0, 1))
+    plateau_factor: float = setting(0.5, "plateau: multiply the LR by this...", between(0, 1, low_open=True))
+    plateau_patience: int = setting(5, "...after this many epochs without a better validation RMSE", at_least(0))
+    max_grad_norm: float = setting(1.0, "gradient clipping norm", above(0))
+    ema_decay: float = setting(0.995, "EMA decay of the weights used for evaluation", between(0, 1, high_open=True))
+    early_stopping_patience: int = setting(20, "stop after this many epochs without a better validation RMSE", at_least(1))
+    mixed_precision: str | None = setting(None, "None: what accelerate launch set, else no", choices=["no", "bf16", "fp16"])
+    nan_lr_backoff: float = setting(0.5, "on the first NaN/Inf update: fp32 from then on, base LR times this", between(0, 1, low_open=True))
+    max_nonfinite_in_a_row: int = setting(5, "stop after this many non-finite updates in a row in fp32", at_least(1))
     # run
-    output_dir: str = field(default="runs/dual_task", metadata={"help": "where checkpoints, metrics, plots and results go"})
-    overwrite: bool = field(default=False, metadata={"help": "allow writing into an output_dir that holds another run"})
-    seed: int = field(default=42, metadata={"help": "seed for the split, the initialisation and the batch order"})
-    log_every: int = field(default=50, metadata={"help": "log (and check for NaN) every this many optimizer steps"})
-    checkpoint_every: int = field(default=0, metadata={"help": "also checkpoint every this many optimizer steps (0: epoch ends only)"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "how many recent checkpoints to keep"})
-    resume_from: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder"})
-    report_to: str = field(default="none", metadata={"help": "Accelerate tracker: none, tensorboard, wandb, ..."})
+    output_dir: str = setting("runs/dual_task", "where checkpoints, metrics, plots and results go", NON_EMPTY)
+    overwrite: bool = setting(False, "replace the run in output_dir (removed only once the new run has passed its checks)")
+    seed: int = setting(42, "seed for the split, the initialisation and the batch order", between(0, 2**32 - 1), same_on_resume=True)
+    log_every: int = setting(50, "log (and check for NaN) every this many optimizer steps", at_least(1))
+    checkpoint_every: int = setting(0, "also checkpoint every this many optimizer steps (0: epoch ends only)", at_least(0))
+    keep_checkpoints: int = setting(2, "how many recent checkpoints to keep", at_least(1))
+    resume_from: str | None = setting(None, "'latest' or a checkpoint folder", NON_EMPTY)
+    report_to: str = setting("none", "Accelerate tracker: none, tensorboard, wandb, ...", TRACKER)
+
+    def __post_init__(self):  # every field in its domain, then the rules that tie fields together
+        check_domains(self)
+        if len(set(self.sensors)) != len(self.sensors):
+            raise UserError(f"--sensors {self.sensors} names a sensor twice; list each once")
+        if not self.sensors and not self.cycle_feature:
+            raise UserError("no input features: --sensors is empty and --cycle_feature is false; name at least one sensor")
+        if not self.critical_at_or_below < self.healthy_above < self.rul_cap:
+            raise UserError(f"the health thresholds must satisfy --critical_at_or_below < --healthy_above < --rul_cap, got "
+                            f"{self.critical_at_or_below}, {self.healthy_above}, {self.rul_cap}; otherwise a health state never occurs")
+        if len(self.wd_decay_epochs) != len(self.wd_decay_factors):
+            raise UserError(f"--wd_decay_epochs has {len(self.wd_decay_epochs)} entries and --wd_decay_factors "
+                            f"{len(self.wd_decay_factors)}; give one factor per epoch")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,6 +140,20 @@ def read_table(path: Path, columns: int) -> np.ndarray:
     if not np.isfinite(table).all():
         row = int(np.argwhere(~np.isfinite(table))[0, 0]) + 1
         raise UserError(f"{path} row {row} holds NaN or Inf; fix or remove that row")
+    if columns == NUM_COLUMNS:  # engines: positive whole unit and cycle numbers, each engine's rows together, in cycle order
+        unit, cycle = table[:, 0], table[:, 1]
+        same_engine = unit[1:] == unit[:-1]
+        bad = (unit < 1) | (unit != np.round(unit)) | (cycle < 1) | (cycle != np.round(cycle))
+        bad[1:] |= same_engine & (cycle[1:] <= cycle[:-1])  # cycles go backwards within an engine
+        starts = np.r_[0, np.nonzero(~same_engine)[0] + 1]
+        _, first_start = np.unique(unit[starts], return_index=True)
+        bad[np.delete(starts, first_start)] = True  # an engine whose rows are split in two
+        if bad.any():
+            row = int(np.argmax(bad)) + 1
+            raise UserError(f"{path} row {row} (engine {table[row - 1, 0]:g}, cycle {table[row - 1, 1]:g}) breaks the "
+                            f"layout: whole engine and cycle numbers from 1, each engine's rows together in cycle order")
+    elif (table < 0).any():  # RUL_FD00x: cycles left, one row per test engine
+        raise UserError(f"{path} row {int(np.argmax(table[:, 0] < 0)) + 1} holds a negative RUL; restore the original file")
     return table
 
 
@@ -190,8 +219,6 @@ def load_cmapss(cfg: Config) -> dict[str, Split]:
         data_dir = Path(__file__).resolve().parent / data_dir  # the copy shipped with this repo
     if not data_dir.is_dir():
         raise UserError(f"data folder {cfg.data_dir} not found; pass --data_dir with the C-MAPSS files")
-    if bad := [s for s in cfg.sensors if not 1 <= s <= 21]:
-        raise UserError(f"--sensors {bad} out of range; sensor numbers go from 1 to 21")
 
     def find(name):
         plain = data_dir / name
@@ -209,6 +236,9 @@ def load_cmapss(cfg: Config) -> dict[str, Split]:
     units = np.unique(train[:, 0])
     rng = np.random.default_rng(cfg.seed)
     n_val = max(1, round(cfg.val_fraction * len(units)))
+    if n_val >= len(units):
+        raise UserError(f"train_{cfg.subset} has {len(units)} engine(s) and --val_fraction {cfg.val_fraction:g} holds out "
+                        f"{n_val} for validation, leaving none to train on; lower --val_fraction or add engines")
     val_units = set(rng.permutation(units)[:n_val].tolist())
     is_val = np.isin(train[:, 0], list(val_units))
 
@@ -228,8 +258,8 @@ def load_cmapss(cfg: Config) -> dict[str, Split]:
         out = np.empty((len(table), len(sensor_cols)))
         for c in np.unique(cond):
             if c not in stats:
-                raise UserError("an operating condition in the data never occurs in the training engines; "
-                                "run with --per_condition_norm false")
+                raise UserError(f"an operating condition of the {cfg.subset} data never occurs in the engines trained on, "
+                                f"so it cannot be normalised; run with --per_condition_norm false")
             mean, std = stats[c]
             out[cond == c] = (table[cond == c][:, sensor_cols] - mean) / std
         return out
@@ -477,13 +507,23 @@ def evaluate(model, loader, accelerator, rul_cap: int) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def train(cfg, accelerator, model, optimizer, train_loader, val_loader, loss_fn, ema, guard, state, log, output_dir):
+def train(cfg, accelerator, model, optimizer, train_loader, val_loader, loss_fn, ema, guard, state, log, output_dir,
+          preemption):
     steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     checkpointed = {"train_state": state, "ema": ema, "guard": guard, "amnl": loss_fn}
+    if total_steps == 0:
+        warn("--epochs 0: nothing is trained; the test set is scored with the initial weights")
+    elif total_steps < steps_per_epoch:
+        warn(f"--max_steps {cfg.max_steps} ends training before the first epoch ({steps_per_epoch} steps) finishes: "
+             f"no validation runs, and the test set is scored with the last EMA weights")
 
     def current_lr():
         return lr_at(state.step, cfg, state, steps_per_epoch, total_steps, guard.lr_scale)
+
+    def finished():  # also true for a resumed run that had already finished training
+        return (state.epoch >= cfg.epochs or (cfg.max_steps > 0 and state.step >= cfg.max_steps)
+                or state.epochs_since_best >= cfg.early_stopping_patience)
 
     set_lr(optimizer, current_lr())
     # The bar shows on an interactive terminal of the main process (None: tqdm hides it when piped).
@@ -491,8 +531,7 @@ def train(cfg, accelerator, model, optimizer, train_loader, val_loader, loss_fn,
     running = torch.zeros(3, device=accelerator.device)  # sums of total, RUL and health loss since last log
     running_batches = 0
     done = preempted = False
-    preemption = Preemption().install()  # SIGTERM/SIGINT: finish the step, checkpoint, return
-    while state.epoch < cfg.epochs and not done:
+    while not done and not finished():
         epoch_start, samples = time.perf_counter(), 0
         train_loader.set_epoch(state.epoch)  # a different, reproducible shuffle every epoch
         batches = accelerator.skip_first_batches(train_loader, state.batches_done) if state.batches_done else train_loader
@@ -536,7 +575,7 @@ def train(cfg, accelerator, model, optimizer, train_loader, val_loader, loss_fn,
             done = preempted or (bool(cfg.max_steps) and state.step >= cfg.max_steps)
             stops_mid_epoch = done and state.batches_done < len(train_loader)  # no epoch-end checkpoint follows
             if stops_mid_epoch or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0):
-                save_checkpoint(accelerator, output_dir, state.step, checkpointed, cfg.keep_checkpoints)
+                save_checkpoint(accelerator, output_dir, state.step, checkpointed, cfg.keep_checkpoints, config=cfg)
             if done:
                 break
         if done and state.batches_done < len(train_loader):
@@ -570,12 +609,11 @@ def train(cfg, accelerator, model, optimizer, train_loader, val_loader, loss_fn,
                   f"health acc {val['health_accuracy']:.3f} | best {state.best_val_rmse:6.2f} @ {state.best_epoch} | "
                   f"lr {optimizer.param_groups[0]['lr']:.2e} | {samples_per_second:,.0f} samples/s | "
                   f"{peak_memory_mb(accelerator.device):,.0f} MB", flush=True)
-        save_checkpoint(accelerator, output_dir, state.step, checkpointed, cfg.keep_checkpoints, best=improved)
+        save_checkpoint(accelerator, output_dir, state.step, checkpointed, cfg.keep_checkpoints, best=improved,
+                        config=cfg)
         if state.epochs_since_best >= cfg.early_stopping_patience:
             accelerator.print(f"early stopping: no better validation RMSE for {cfg.early_stopping_patience} epochs")
-            break
     bar.close()
-    preemption.uninstall()
     return preempted
 
 
@@ -616,8 +654,23 @@ def save_plots(output_dir: Path, test: dict) -> None:
     plt.close(fig)
 
 
+def save_model_atomically(accelerator, model, output_dir: Path) -> None:
+    """model.safetensors via a temporary folder and a rename: a kill while saving leaves no half-written file."""
+    tmp = output_dir / ".model.tmp"
+    accelerator.save_model(model, tmp)  # gathers the weights on every process (FSDP); the main process writes
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        os.replace(tmp / "model.safetensors", output_dir / "model.safetensors")
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+RUN_OUTPUTS = ["config.yaml", "results.json", "metrics.jsonl", "model.safetensors", "training_curves.png",
+               "test_predictions.png", "checkpoints", "dual_task"]  # what a run writes ("dual_task": tensorboard)
+
+
 def main(argv=None):
-    cfg = parse_config(Config, argv, description=__doc__.split("\n")[0])
+    cfg = parse_config(Config, argv, description=__doc__.split("\n")[0])  # every setting checked against its domain
     wall_start = time.perf_counter()
     try:
         accelerator = Accelerator(
@@ -632,13 +685,12 @@ def main(argv=None):
         raise UserError(f"{err}; choose another --mixed_precision (bf16 works on CPU)") from None
     refuse_silent_fallbacks(accelerator)
     set_seed(cfg.seed)
-    resume_path = resolve_resume(cfg.output_dir, cfg.resume_from)
-    output_dir = Path(cfg.output_dir)
-    if accelerator.is_main_process:
-        prepare_output_dir(output_dir, resuming=cfg.resume_from is not None, overwrite=cfg.overwrite)
+
+    # Check everything that bad input can fail before the first write: the output folder, the checkpoint
+    # to resume, the data, the model. Until start_run() nothing on disk changes.
+    output_dir = check_output_dir(cfg.output_dir, resuming=cfg.resume_from is not None, overwrite=cfg.overwrite)
+    resume_path = resolve_resume(output_dir, cfg.resume_from)
     splits = load_cmapss(cfg)
-    if accelerator.is_main_process:  # written once the data has passed its checks: bad input changes nothing
-        save_config(cfg, output_dir / "config.yaml")
     accelerator.print(f"{cfg.subset}: {len(splits['train'].rul)} training windows, {len(splits['val'].rul)} "
                       f"validation windows, {len(splits['test'].rul)} test engines, {len(cfg.sensors)} sensors")
     train_loader = make_loader(splits["train"], cfg.batch_size, shuffle=True, seed=cfg.seed)
@@ -654,17 +706,24 @@ def main(argv=None):
     ema = EMA(model.parameters(), decay=cfg.ema_decay)
     guard = NonFiniteGuard(accelerator, model, optimizer, cfg.nan_lr_backoff, cfg.max_nonfinite_in_a_row)
     state = TrainState()
-    if resume_path is not None:
-        load_checkpoint(accelerator, resume_path, {"train_state": state, "ema": ema, "guard": guard, "amnl": loss_fn})
+    if resume_path is not None:  # refused if it does not fit these settings, before anything is written
+        load_checkpoint(accelerator, resume_path, {"train_state": state, "ema": ema, "guard": guard, "amnl": loss_fn},
+                        config=cfg)
         accelerator.print(f"resumed from {resume_path} at step {state.step}, epoch {state.epoch}")
     elif cfg.resume_from == "latest":
         accelerator.print(f"no checkpoint in {output_dir}; starting from scratch")
+
+    # Every check has passed: from here on the run writes (an --overwrite'n run's outputs go now, not before).
+    start_run(accelerator, output_dir, cfg, RUN_OUTPUTS, fresh=resume_path is None)
     if cfg.report_to != "none":
         accelerator.init_trackers("dual_task", config={k: str(v) if isinstance(v, list) else v
                                                       for k, v in dataclasses.asdict(cfg).items()})
     log = MetricsLog(accelerator, output_dir, step_offset=state.step if resume_path else None)
-
-    if train(cfg, accelerator, model, optimizer, train_loader, val_loader, loss_fn, ema, guard, state, log, output_dir):
+    # SIGTERM/SIGINT: during training, finish the step, checkpoint and exit 75; after it, finish the short
+    # final phase (test, save) and exit 0. A second signal stops at once.
+    preemption = Preemption().install()
+    if train(cfg, accelerator, model, optimizer, train_loader, val_loader, loss_fn, ema, guard, state, log, output_dir,
+             preemption):
         accelerator.end_training()
         accelerator.print(f"stopped by a signal at step {state.step} with a checkpoint saved; "
                           f"continue with --resume_from latest (exit code {EXIT_PREEMPTED})", flush=True)
@@ -676,7 +735,7 @@ def main(argv=None):
     else:
         ema.copy_to()  # no epoch finished (e.g. a tiny --max_steps): use the current EMA weights
     test = evaluate(model, test_loader, accelerator, cfg.rul_cap)
-    accelerator.save_model(model, output_dir)  # -> output_dir/model.safetensors
+    save_model_atomically(accelerator, model, output_dir)  # -> output_dir/model.safetensors
     results = {
         "subset": cfg.subset,
         "test_rmse": test["rmse"],
@@ -704,6 +763,9 @@ def main(argv=None):
         print(f"test RMSE {test['rmse']:.2f} | PHM08 score {test['score']:.1f} | health accuracy "
               f"{test['health_accuracy']:.3f} | {best} | {results['wall_seconds']:.0f} s | results in {output_dir / 'results.json'}")
     accelerator.end_training()
+    preemption.uninstall()
+    if preemption.requested:
+        accelerator.print("the signal came after training: the test evaluation and the outputs were finished (exit code 0)")
     return results
 
 

@@ -27,6 +27,8 @@ import dataclasses
 import functools
 import json
 import math
+import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -41,13 +43,15 @@ from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from common.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from common.config import parse_config, save_config
+from common.config import IDENTIFIER, NON_EMPTY, TRACKER, above, at_least, between, check_domains, parse_config, setting
 from common.distributed import refuse_silent_fallbacks
 from common.ema import EMA
-from common.errors import UserError, exit_on_user_error
+from common.errors import UserError, exit_on_user_error, first_line, warn
 from common.guard import NonFiniteGuard
+from common.images import IMAGE_ERRORS, image_problem, load_rgb
 from common.preemption import EXIT_PREEMPTED, Preemption
-from common.run_log import MetricsLog, peak_memory_mb, prepare_output_dir, write_json
+from common.pretrained import check_lora_targets, check_pretrained, load_pretrained, load_processor
+from common.run_log import MetricsLog, check_output_dir, peak_memory_mb, replace_folder, start_run, write_json
 from common.schedules import set_lr, warmup_cosine
 
 LM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -58,62 +62,71 @@ DEFAULT_QUESTION = ("Does this screenshot contain a prompt injection, text that 
 @dataclass
 class Config:
     # model
-    model: str = field(default="llava-hf/llava-1.5-7b-hf", metadata={"help": "LLaVA checkpoint folder or hub id"})
-    build_tiny_model: bool = field(default=False, metadata={"help": "if --model is a missing folder, build a tiny random LLaVA there (CPU demo, tests)"})
-    model_dtype: str | None = field(default=None, metadata={"help": "dtype of the frozen base model (None: bf16 on a GPU, fp32 on CPU)", "choices": ["fp32", "bf16", "fp16"]})
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
-    lora_target_modules: list[str] = field(default_factory=lambda: list(LM_TARGETS), metadata={"help": "language-model module names that get LoRA"})
-    lora_vision_modules: list[str] = field(default_factory=list, metadata={"help": "vision-tower module names that get LoRA too, e.g. q_proj,k_proj,v_proj,out_proj,fc1,fc2 (empty: none)"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward (use_reentrant=False) to save memory"})
+    model: str = setting("llava-hf/llava-1.5-7b-hf", "LLaVA checkpoint folder or hub id", NON_EMPTY, same_on_resume=True)
+    build_tiny_model: bool = setting(False, "if --model is a missing folder, build a tiny random LLaVA there (CPU demo, tests)")
+    model_dtype: str | None = setting(None, "dtype of the frozen base model (None: bf16 on a GPU, fp32 on CPU)", choices=["fp32", "bf16", "fp16"])
+    lora_r: int = setting(8, "LoRA rank", between(1, 4096), same_on_resume=True)
+    lora_alpha: int = setting(32, "LoRA alpha (scale = alpha / r)", at_least(1), same_on_resume=True)
+    lora_dropout: float = setting(0.05, "dropout on the LoRA input", between(0, 1, high_open=True))
+    lora_target_modules: list[str] = setting(LM_TARGETS, "language-model module names that get LoRA", IDENTIFIER, same_on_resume=True)
+    lora_vision_modules: list[str] = setting([], "vision-tower module names that get LoRA too, e.g. q_proj,k_proj,v_proj,out_proj,fc1,fc2 (empty: none)", IDENTIFIER, same_on_resume=True)
+    gradient_checkpointing: bool = setting(False, "recompute activations in the backward (use_reentrant=False) to save memory")
     # prompt
-    question: str = field(default=DEFAULT_QUESTION, metadata={"help": "the question asked with every screenshot"})
-    yes_token: str = field(default="Yes", metadata={"help": "answer word for 'injection'; must be one token"})
-    no_token: str = field(default="No", metadata={"help": "answer word for 'benign'; must be one token"})
+    question: str = setting(DEFAULT_QUESTION, "the question asked with every screenshot", NON_EMPTY, same_on_resume=True)
+    yes_token: str = setting("Yes", "answer word for 'injection'; must be one token", NON_EMPTY, same_on_resume=True)
+    no_token: str = setting("No", "answer word for 'benign'; must be one token", NON_EMPTY, same_on_resume=True)
     # data
-    train_data: str = field(default="data/wainject/train.jsonl", metadata={"help": "training JSONL manifest or {benign,malicious}/<subset>/ folder"})
-    val_data: str = field(default="data/wainject/val.jsonl", metadata={"help": "validation manifest or folder (best checkpoint)"})
-    test_data: str | None = field(default=None, metadata={"help": "test manifest or folder, evaluated once at the end"})
-    make_synthetic_data: bool = field(default=False, metadata={"help": "if --train_data is missing, write synthetic screenshots and manifests into its folder"})
-    resize: str = field(default="pad", metadata={"help": "pad to the model's aspect ratio (nothing cropped), the processor's centre crop, or stretch", "choices": ["pad", "crop", "stretch"]})
-    skip_bad_images: bool = field(default=False, metadata={"help": "skip and count missing/corrupt images and bad labels instead of stopping"})
-    num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes that decode images"})
-    num_threads: int = field(default=0, metadata={"help": "PyTorch CPU threads per process (0: PyTorch's default)"})
+    train_data: str = setting("data/wainject/train.jsonl", "training JSONL manifest or {benign,malicious}/<subset>/ folder", NON_EMPTY)
+    val_data: str = setting("data/wainject/val.jsonl", "validation manifest or folder (best checkpoint)", NON_EMPTY)
+    test_data: str | None = setting(None, "test manifest or folder, evaluated once at the end", NON_EMPTY)
+    make_synthetic_data: bool = setting(False, "if --train_data (a train.jsonl) is missing, write synthetic screenshots and manifests into its folder, which must be new or empty")
+    resize: str = setting("pad", "pad to the model's aspect ratio (nothing cropped), the processor's centre crop, or stretch", choices=["pad", "crop", "stretch"], same_on_resume=True)
+    skip_bad_images: bool = setting(False, "skip and count missing/corrupt images and bad labels instead of stopping")
+    num_workers: int = setting(2, "DataLoader worker processes that decode images", between(0, 256))
+    num_threads: int = setting(0, "PyTorch CPU threads per process (0: PyTorch's default)", between(0, 1024))
     # loss
-    class_weights: list[float] = field(default_factory=list, metadata={"help": "cross-entropy weights [No, Yes] (empty: unweighted)"})
+    class_weights: list[float] = setting([], "cross-entropy weights [No, Yes] (empty: unweighted)", above(0))
     # optimisation
-    epochs: int = field(default=3, metadata={"help": "training epochs"})
-    max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0: no limit)"})
-    batch_size: int = field(default=4, metadata={"help": "screenshots per micro-batch per process"})
-    eval_batch_size: int = field(default=8, metadata={"help": "screenshots per evaluation batch per process"})
-    grad_accum_steps: int = field(default=4, metadata={"help": "micro-batches per optimizer step"})
-    lr: float = field(default=2e-4, metadata={"help": "peak learning rate"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on the LoRA weights"})
-    warmup_ratio: float = field(default=0.03, metadata={"help": "fraction of the optimizer steps spent in linear warmup"})
-    min_lr_factor: float = field(default=0.1, metadata={"help": "the cosine ends at this fraction of --lr"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
-    ema_decay: float = field(default=0.0, metadata={"help": "EMA of the LoRA weights, used to evaluate and save (0: off)"})
-    mixed_precision: str | None = field(default=None, metadata={"help": "None: what accelerate launch set, else no", "choices": ["no", "bf16", "fp16"]})
-    nan_lr_backoff: float = field(default=0.5, metadata={"help": "on the first NaN/Inf update: fp32 from then on, base LR times this"})
-    max_nonfinite_in_a_row: int = field(default=5, metadata={"help": "stop after this many non-finite updates in a row in fp32"})
+    epochs: int = setting(3, "training epochs", at_least(0))
+    max_steps: int = setting(0, "stop after this many optimizer steps (0: no limit)", at_least(0))
+    batch_size: int = setting(4, "screenshots per micro-batch per process", at_least(1))
+    eval_batch_size: int = setting(8, "screenshots per evaluation batch per process", at_least(1))
+    grad_accum_steps: int = setting(4, "micro-batches per optimizer step", at_least(1))
+    lr: float = setting(2e-4, "peak learning rate", above(0))
+    weight_decay: float = setting(0.0, "AdamW weight decay on the LoRA weights", at_least(0))
+    warmup_ratio: float = setting(0.03, "fraction of the optimizer steps spent in linear warmup", between(0, 1))
+    min_lr_factor: float = setting(0.1, "the cosine ends at this fraction of --lr", between(0, 1))
+    max_grad_norm: float = setting(1.0, "gradient clipping norm", above(0))
+    ema_decay: float = setting(0.0, "EMA of the LoRA weights, used to evaluate and save (0: off)", between(0, 1, high_open=True))
+    mixed_precision: str | None = setting(None, "None: what accelerate launch set, else no", choices=["no", "bf16", "fp16"])
+    nan_lr_backoff: float = setting(0.5, "on the first NaN/Inf update: fp32 from then on, base LR times this", between(0, 1, low_open=True))
+    max_nonfinite_in_a_row: int = setting(5, "stop after this many non-finite updates in a row in fp32", at_least(1))
     # evaluation
-    best_metric: str = field(default="auroc", metadata={"help": "validation metric that picks the best checkpoint", "choices": ["auroc", "f1", "accuracy"]})
-    target_fpr: float = field(default=0.05, metadata={"help": "report the TPR at this false-positive rate"})
+    best_metric: str = setting("auroc", "validation metric that picks the best checkpoint", choices=["auroc", "f1", "accuracy"])
+    target_fpr: float = setting(0.05, "report the TPR at this false-positive rate", between(0, 1))
     # run
-    output_dir: str = field(default="runs/llava", metadata={"help": "where the adapter, checkpoints, metrics and results go"})
-    overwrite: bool = field(default=False, metadata={"help": "allow writing into an output_dir that holds another run"})
-    seed: int = field(default=42, metadata={"help": "seed for LoRA initialisation and batch order"})
-    log_every: int = field(default=10, metadata={"help": "log (and check for NaN) every this many optimizer steps"})
-    checkpoint_every: int = field(default=0, metadata={"help": "also checkpoint every this many optimizer steps (0: epoch ends only)"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "how many recent checkpoints to keep"})
-    resume_from: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder"})
-    report_to: str = field(default="none", metadata={"help": "Accelerate tracker: none, tensorboard, wandb, ..."})
-    merge: bool = field(default=False, metadata={"help": "also save base + adapter merged into full weights in output_dir/merged"})
+    output_dir: str = setting("runs/llava", "where the adapter, checkpoints, metrics and results go", NON_EMPTY)
+    overwrite: bool = setting(False, "replace the run in output_dir (removed only once the new run has passed its checks); predict: replace --predict_output")
+    seed: int = setting(42, "seed for LoRA initialisation and batch order", between(0, 2**32 - 1))
+    log_every: int = setting(10, "log (and check for NaN) every this many optimizer steps", at_least(1))
+    checkpoint_every: int = setting(0, "also checkpoint every this many optimizer steps (0: epoch ends only)", at_least(0))
+    keep_checkpoints: int = setting(2, "how many recent checkpoints to keep", at_least(1))
+    resume_from: str | None = setting(None, "'latest' or a checkpoint folder", NON_EMPTY)
+    report_to: str = setting("none", "Accelerate tracker: none, tensorboard, wandb, ...", TRACKER)
+    merge: bool = setting(False, "also save base + adapter merged into full weights in output_dir/merged")
     # predict
-    mode: str = field(default="train", metadata={"help": "train, or predict: write P(Yes) per image", "choices": ["train", "predict"]})
-    predict_data: str | None = field(default=None, metadata={"help": "predict: manifest or folder of images (labels optional)"})
-    predict_output: str | None = field(default=None, metadata={"help": "predict: JSONL to write (default: output_dir/predictions.jsonl)"})
+    mode: str = setting("train", "train, or predict: write P(Yes) per image", choices=["train", "predict"])
+    predict_data: str | None = setting(None, "predict: manifest or folder of images (labels optional)", NON_EMPTY)
+    predict_output: str | None = setting(None, "predict: JSONL to write (default: output_dir/predictions.jsonl)", NON_EMPTY)
+
+    def __post_init__(self):  # every field in its domain, then the rules that tie fields together
+        check_domains(self)
+        if len(self.class_weights) not in (0, 2):
+            raise UserError(f"--class_weights takes two numbers [No, Yes], got {self.class_weights}")
+        if self.yes_token == self.no_token:
+            raise UserError(f"--yes_token and --no_token are both {self.yes_token!r}; give two different answer words")
+        if self.mode == "predict" and self.predict_data is None:
+            raise UserError("--mode predict needs --predict_data (a manifest or a folder of images)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,7 +146,13 @@ class Sample:
 def read_manifest(path: Path, skip_bad: bool, need_labels: bool) -> tuple[list[Sample], list[str]]:
     """JSONL, one {"path", "label", "subset"?} per line. Returns the samples and the skipped lines."""
     samples, skipped = [], []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark before the first line is fine
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is not UTF-8 text (byte {err.start}); save the manifest as UTF-8 JSON lines") from None
+    except OSError as err:
+        raise UserError(f"cannot read {path} ({err.strerror}); check its permissions") from None
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -171,27 +190,23 @@ def read_folder(root: Path, need_labels: bool) -> list[Sample]:
 
 
 def load_samples(spec: str, skip_bad: bool, need_labels: bool = True) -> tuple[list[Sample], list[str]]:
+    """The samples of a manifest or folder, every image's header checked; returns them and what was skipped."""
     path = Path(spec)
     if not path.exists():
         raise UserError(f"data path {path} does not exist; pass a JSONL manifest or a {{benign,malicious}}/ folder")
     samples, skipped = read_manifest(path, skip_bad, need_labels) if path.is_file() else (read_folder(path, need_labels), [])
-    if not samples:
+    readable = []
+    for sample in samples:  # headers only: cheap, and it finds a bad file before any training, not hours into it
+        if (problem := image_problem(sample.path)) is None:
+            readable.append(sample)
+        elif not skip_bad:
+            raise UserError(f"cannot read image {sample.path} ({problem}); fix or remove it, or pass --skip_bad_images")
+        else:
+            skipped.append(f"{sample.path} ({problem})")
+    if not readable:
         raise UserError(f"{path} holds no usable images; add lines like {{\"path\": \"page.png\", \"label\": 1}} "
                         f"or point it at a {{benign,malicious}}/ folder")
-    return samples, skipped
-
-
-def load_rgb(path: Path) -> Image.Image:
-    """Any image as 8-bit RGB: alpha composited on white, CMYK and palettes converted, 16-bit scaled."""
-    with Image.open(path) as img:  # reads the header only
-        if img.width * img.height > Image.MAX_IMAGE_PIXELS:  # PIL only warns below twice this: decoding could exhaust RAM
-            raise ValueError(f"{img.width}x{img.height} pixels is over the {Image.MAX_IMAGE_PIXELS:,}-pixel limit")
-        img.load()
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit grayscale: convert("RGB") would clip it
-        img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
-    return img.convert("RGB")
+    return readable, skipped
 
 
 def model_input_size(image_processor) -> tuple[int, int]:
@@ -215,7 +230,7 @@ def collate(items, processor, prompt: str, resize: str):
             elif resize == "stretch":
                 img = img.resize((width, height), Image.Resampling.BICUBIC)
             valid.append(1.0)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        except IMAGE_ERRORS as err:
             bad.append(f"{sample.path} ({type(err).__name__}: {err})")
             img = Image.new("RGB", (width, height), fill)
             valid.append(0.0)
@@ -235,13 +250,13 @@ def make_loader(samples, processor, prompt, cfg: Config, batch_size: int, shuffl
 
 
 def check_bad_images(batch, skip: bool, seen: set) -> None:
-    """Stop on the first unreadable image (one clear line), or remember and skip it."""
+    """Stop on the first image that could not be decoded (one clear line), or remember and skip it."""
     for entry in batch["bad"]:
         if not skip:
             raise UserError(f"cannot read image {entry}; fix or remove it, or pass --skip_bad_images")
         if entry not in seen:
             seen.add(entry)
-            print(f"warning: skipping unreadable image {entry}")
+            warn(f"skipping unreadable image {entry}", every_process=True)  # seen by this process only
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,43 +272,45 @@ def base_dtype(cfg: Config) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
 
 
-def load_base(model_id: str, processor_id: str, dtype: torch.dtype):
-    """The frozen LLaVA and its processor, with the processor's image-token count taken from the model."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+MODEL_TYPES = ("llava",)  # config.json model types this script trains
 
-    try:
-        base = LlavaForConditionalGeneration.from_pretrained(model_id, dtype=dtype)
-        processor = AutoProcessor.from_pretrained(processor_id)
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load a LLaVA model from {model_id!r} ({str(err).splitlines()[0]}); pass a "
-                        f"checkpoint folder or hub id that LlavaForConditionalGeneration loads") from None
-    if getattr(processor, "chat_template", None) is None:
-        raise UserError(f"the processor of {processor_id} has no chat template; use a LLaVA checkpoint with one")
+
+def load_base(model_id: str, processor, dtype: torch.dtype):
+    """The frozen LLaVA, with the processor's image-token count taken from the model."""
+    from transformers import LlavaForConditionalGeneration
+
+    base = load_pretrained(LlavaForConditionalGeneration, model_id, dtype=dtype)
     # The number of <image> tokens the processor inserts must equal what the vision tower produces.
     processor.patch_size = base.config.vision_config.patch_size
     processor.vision_feature_select_strategy = base.config.vision_feature_select_strategy
     if base.config.vision_config.model_type == "clip_vision_model":
         processor.num_additional_image_tokens = 1  # CLIP's CLS token
-    processor.tokenizer.padding_side = "left"  # every prompt ends in the last column: the answer position
-    return base, processor
+    return base
+
+
+def lora_config(cfg: Config):
+    from peft import LoraConfig
+
+    # A regex, so that the language model's q_proj is adapted but not the vision tower's namesake.
+    parts = [rf".*\.{part}\..*\.({'|'.join(names)})" for part, names in lora_targets(cfg).values() if names]
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules="|".join(parts))
+
+
+def lora_targets(cfg: Config) -> dict[str, tuple[str, list[str]]]:
+    return {"--lora_target_modules": ("language_model", cfg.lora_target_modules),
+            "--lora_vision_modules": ("vision_tower", cfg.lora_vision_modules)}
 
 
 def add_lora(cfg: Config, base):
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     if cfg.gradient_checkpointing:
         # Non-reentrant: reentrant checkpointing leaves LoRA in checkpointed blocks without gradients.
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
-    # A regex, so that the language model's q_proj is adapted but not the vision tower's namesake.
-    pattern = rf".*\.language_model\..*\.({'|'.join(cfg.lora_target_modules)})"
-    if cfg.lora_vision_modules:
-        pattern += rf"|.*\.vision_tower\..*\.({'|'.join(cfg.lora_vision_modules)})"
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=pattern)
-    try:  # adapters in fp32 under a bf16/fp16 base: precise updates, and no GradScaler error on fp16 gradients
-        return get_peft_model(base, lora, autocast_adapter_dtype=True)
-    except ValueError as err:
-        raise UserError(f"LoRA found no target modules ({err}); check --lora_target_modules") from None
+    # Adapters in fp32 under a bf16/fp16 base: precise updates, and no GradScaler error on fp16 gradients.
+    return get_peft_model(base, lora_config(cfg), autocast_adapter_dtype=True)
 
 
 def build_prompt(processor, question: str) -> str:
@@ -403,11 +420,19 @@ class TrainState:
 
 
 def train(cfg, accelerator, model, optimizer, train_loader, val_loader, val_samples, answer_ids, class_weights,
-          ema, guard, state, log, output_dir, bad_seen):
+          ema, guard, state, log, output_dir, bad_seen, preemption):
     steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     warmup_steps = round(cfg.warmup_ratio * total_steps)
     checkpointed = {"train_state": state, "guard": guard} | ({"ema": ema} if ema else {})
+    if total_steps == 0:
+        warn("--epochs 0: nothing is trained; the adapter is saved as initialised (LoRA B = 0: the base model's answers)")
+    elif total_steps < steps_per_epoch:
+        warn(f"--max_steps {cfg.max_steps} ends training before the first epoch ({steps_per_epoch} steps) finishes: "
+             f"no validation picks a best checkpoint, and the last weights are saved")
+
+    def finished():  # also true for a resumed run that had already finished training
+        return state.epoch >= cfg.epochs or (cfg.max_steps > 0 and state.step >= cfg.max_steps)
 
     def current_lr():  # the update that makes step+1: never a zero LR on the first update
         return cfg.lr * guard.lr_scale * warmup_cosine(state.step + 1, warmup_steps, total_steps,
@@ -416,8 +441,11 @@ def train(cfg, accelerator, model, optimizer, train_loader, val_loader, val_samp
     def validate():
         with ema.swapped_in() if ema else contextlib.nullcontext():
             val = evaluate(model, val_loader, val_samples, accelerator, answer_ids, cfg, bad_seen)
-            score = val[cfg.best_metric] if val[cfg.best_metric] is not None else -1.0
-            improved = score > state.best_score
+            score = val[cfg.best_metric]
+            if score is None:  # one class left once unreadable images were skipped (both were checked up front)
+                warn(f"validation at step {state.step}: {cfg.best_metric} is undefined on the {val['num_samples']} "
+                     f"readable images (one class only); the best checkpoint is not updated")
+            improved = score is not None and score > state.best_score
             if improved:
                 state.best_score, state.best_step = score, state.step
                 state.best_weights = trainable_state(model)
@@ -430,9 +458,8 @@ def train(cfg, accelerator, model, optimizer, train_loader, val_loader, val_samp
     set_lr(optimizer, current_lr())
     bar = tqdm(total=total_steps, initial=state.step, desc="train", disable=None if accelerator.is_local_main_process else True)
     running, running_batches, done, preempted = torch.zeros((), device=accelerator.device), 0, False, False
-    preemption = Preemption().install()  # SIGTERM/SIGINT: finish the step, checkpoint, return
     grad_norm = torch.zeros(())
-    while state.epoch < cfg.epochs and not done:
+    while not done and not finished():
         epoch_start, samples = time.perf_counter(), 0
         train_loader.set_epoch(state.epoch)
         batches = accelerator.skip_first_batches(train_loader, state.batches_done) if state.batches_done else train_loader
@@ -476,7 +503,7 @@ def train(cfg, accelerator, model, optimizer, train_loader, val_loader, val_samp
             done = preempted or (bool(cfg.max_steps) and state.step >= cfg.max_steps)
             stops_mid_epoch = done and state.batches_done < len(train_loader)  # no epoch-end checkpoint follows
             if stops_mid_epoch or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0):
-                save_checkpoint(accelerator, output_dir, state.step, checkpointed, cfg.keep_checkpoints)
+                save_checkpoint(accelerator, output_dir, state.step, checkpointed, cfg.keep_checkpoints, config=cfg)
             if done:
                 break
         if done and state.batches_done < len(train_loader):
@@ -493,9 +520,9 @@ def train(cfg, accelerator, model, optimizer, train_loader, val_loader, val_samp
                  "peak_memory_mb": peak_memory_mb(accelerator.device)}, state.step)
         accelerator.print(f"epoch {state.epoch} | {samples * accelerator.num_processes / seconds:.1f} samples/s | "
                           f"lr {optimizer.param_groups[0]['lr']:.2e} | {peak_memory_mb(accelerator.device):,.0f} MB")
-        save_checkpoint(accelerator, output_dir, state.step, checkpointed, cfg.keep_checkpoints, best=improved)
+        save_checkpoint(accelerator, output_dir, state.step, checkpointed, cfg.keep_checkpoints, best=improved,
+                        config=cfg)
     bar.close()
-    preemption.uninstall()
     return preempted
 
 
@@ -530,6 +557,10 @@ def roc_curve(scores: np.ndarray, labels: np.ndarray):
 
 
 def classification_metrics(p_yes, labels, subsets: list[str], target_fpr: float) -> dict:
+    """Threshold metrics at P(Yes) >= 0.5 and ranking metrics; None where a metric is undefined (one class, no images)."""
+    if len(labels) == 0:  # every image of the split was unreadable and skipped
+        return {"num_samples": 0, "accuracy": None, "precision": None, "recall": None, "f1": None, "auroc": None,
+                f"tpr_at_fpr_{target_fpr:g}": None, "confusion_matrix": {}, "per_subset": {}, "roc": ([0.0], [0.0])}
     pred = (p_yes >= 0.5).astype(np.int64)
     tp, fp = int(((pred == 1) & (labels == 1)).sum()), int(((pred == 1) & (labels == 0)).sum())
     tn, fn = int(((pred == 0) & (labels == 0)).sum()), int(((pred == 0) & (labels == 1)).sum())
@@ -546,8 +577,8 @@ def classification_metrics(p_yes, labels, subsets: list[str], target_fpr: float)
         "num_samples": len(labels),
         "accuracy": float((pred == labels).mean()),
         "precision": precision,
-        "recall": recall,
-        "f1": 2 * precision * recall / max(1e-12, precision + recall),
+        "recall": recall if labels.any() else None,
+        "f1": 2 * precision * recall / max(1e-12, precision + recall) if labels.any() else None,
         "auroc": float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2)) if both_classes else None,  # trapezoids
         f"tpr_at_fpr_{target_fpr:g}": float(tpr[fpr <= target_fpr].max()) if both_classes else None,
         "confusion_matrix": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
@@ -557,7 +588,10 @@ def classification_metrics(p_yes, labels, subsets: list[str], target_fpr: float)
 
 
 def summary(m: dict) -> str:
-    return f"acc {m['accuracy']:.3f} AUROC {m['auroc'] if m['auroc'] is not None else math.nan:.3f} F1 {m['f1']:.3f}"
+    def show(value):
+        return "n/a" if value is None else f"{value:.3f}"
+
+    return f"acc {show(m['accuracy'])} AUROC {show(m['auroc'])} F1 {show(m['f1'])}"
 
 
 def evaluate(model, loader, samples, accelerator, answer_ids, cfg, bad_seen) -> dict:
@@ -589,7 +623,7 @@ def save_roc_plot(path: Path, curves: dict) -> None:
 
     fig, ax = plt.subplots(figsize=(5, 5))
     for name, m in curves.items():
-        ax.plot(*m["roc"], label=f"{name} (AUROC {m['auroc'] if m['auroc'] is not None else math.nan:.3f})")
+        ax.plot(*m["roc"], label=f"{name} (AUROC {'n/a' if m['auroc'] is None else format(m['auroc'], '.3f')})")
     ax.plot([0, 1], [0, 1], "k:", linewidth=1)
     ax.set(xlabel="false-positive rate (benign flagged)", ylabel="true-positive rate (injections caught)", title="ROC")
     ax.legend(loc="lower right")
@@ -597,56 +631,132 @@ def save_roc_plot(path: Path, curves: dict) -> None:
     plt.close(fig)
 
 
+def read_detector(adapter_dir: Path) -> dict:
+    """adapter/detector.json: the question, answer tokens and resizing the adapter was trained with."""
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise UserError(f"{adapter_dir} holds no LoRA adapter (no adapter_config.json); pass the --output_dir "
+                        f"of a finished training run")
+    try:
+        detector = json.loads((adapter_dir / "detector.json").read_text())
+        ok = {"question", "resize", "answer_ids", "base_model"} <= set(detector)
+    except (OSError, ValueError, TypeError):
+        ok = False
+    if not ok:
+        raise UserError(f"{adapter_dir / 'detector.json'} is missing or garbled (training writes it beside the adapter); "
+                        f"rerun the training run with --resume_from latest to write the adapter again")
+    return detector
+
+
 def load_trained(model_id: str, adapter_dir: Path, dtype: torch.dtype):
     """Base model + saved adapter, as a user would load them: PeftModel.from_pretrained."""
     from peft import PeftModel
 
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise UserError(f"{adapter_dir} holds no LoRA adapter (no adapter_config.json); pass the --output_dir "
-                        f"of a finished training run")
-    base, processor = load_base(model_id, str(adapter_dir), dtype)
-    detector = json.loads((adapter_dir / "detector.json").read_text())
-    return PeftModel.from_pretrained(base, adapter_dir).eval(), processor, detector
+    detector = read_detector(adapter_dir)
+    check_pretrained(model_id, MODEL_TYPES)
+    processor = load_processor(str(adapter_dir))
+    base = load_base(model_id, processor, dtype)
+    try:
+        model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    except Exception as err:
+        raise UserError(f"cannot load the adapter in {adapter_dir} onto {model_id} ({first_line(err)}); pass the "
+                        f"--model it was trained on ({detector['base_model']})") from None
+    return model, processor, detector
+
+
+def check_prediction_output(cfg: Config) -> Path:
+    """Read-only: the predictions file may be written without replacing anything the user did not ask to replace."""
+    output = Path(cfg.predict_output or Path(cfg.output_dir) / "predictions.jsonl")
+    if output.is_dir():
+        raise UserError(f"--predict_output {output} is a folder; name the .jsonl file to write")
+    if output.exists() and output.resolve() == Path(cfg.predict_data).resolve():
+        raise UserError(f"--predict_output {output} is the --predict_data manifest; name another file")
+    if output.exists() and not cfg.overwrite:
+        raise UserError(f"{output} exists; pass --overwrite true to replace it, or another --predict_output")
+    existing = next(p for p in [output.parent, *output.absolute().parent.parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {output} ({existing} is not a writable folder); pick another --predict_output")
+    return output
 
 
 def predict(cfg: Config) -> dict:
     """Write {"path", "p_yes", "subset", "label"?} per image, from base + saved adapter."""
-    if cfg.predict_data is None:
-        raise UserError("--mode predict needs --predict_data (a manifest or a folder of images)")
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
-    model, processor, detector = load_trained(cfg.model, Path(cfg.output_dir) / "adapter", base_dtype(cfg))
+    refuse_silent_fallbacks(accelerator)
+    adapter_dir = Path(cfg.output_dir) / "adapter"
+    detector = read_detector(adapter_dir)
     cfg = dataclasses.replace(cfg, question=detector["question"], resize=detector["resize"])  # as trained
-    samples, _ = load_samples(cfg.predict_data, cfg.skip_bad_images, need_labels=False)
+    output = check_prediction_output(cfg)
+    samples, skipped = load_samples(cfg.predict_data, cfg.skip_bad_images, need_labels=False)
+    for entry in skipped:
+        warn(f"skipping {entry}")
+    model, processor, detector = load_trained(cfg.model, adapter_dir, base_dtype(cfg))
     loader = make_loader(samples, processor, build_prompt(processor, cfg.question), cfg, cfg.eval_batch_size, False)
     model, loader = accelerator.prepare(model, loader)
     scored = score_images(model, loader, accelerator, detector["answer_ids"], cfg.skip_bad_images, set())
-    output = Path(cfg.predict_output or Path(cfg.output_dir) / "predictions.jsonl")
     if accelerator.is_main_process:
         output.parent.mkdir(parents=True, exist_ok=True)
-        write_predictions(output, samples, scored)
+        tmp = output.with_name(f".{output.name}.tmp")
+        write_predictions(tmp, samples, scored)
+        os.replace(tmp, output)
         print(f"P(Yes) for {len(scored['index'])} images written to {output}")
     return scored
 
 
 # ----------------------------------------------------------------------------------------------
-# main: wire it together, train, restore the best adapter, test once, save
+# main: check every input, then train, restore the best adapter, save it, score val and test once
 # ----------------------------------------------------------------------------------------------
 
 
-def prepare_demo_inputs(cfg: Config) -> None:
-    """Build the tiny model and the synthetic screenshots when asked to and absent (main process)."""
-    if cfg.build_tiny_model and not Path(cfg.model).exists():
+def prepare_demo_inputs(cfg: Config, accelerator) -> None:
+    """Build the tiny model and the synthetic screenshots when asked to and absent: only into new or empty folders."""
+    model_dir, manifest = Path(cfg.model), Path(cfg.train_data)
+    build_model = cfg.build_tiny_model and (not model_dir.exists() or (model_dir.is_dir() and not any(model_dir.iterdir())))
+    make_data = cfg.make_synthetic_data and not manifest.exists()
+    if make_data and (manifest.name != "train.jsonl" or (manifest.parent.exists() and any(manifest.parent.iterdir()))):
+        raise UserError(f"--train_data {manifest} does not exist, and --make_synthetic_data writes train.jsonl, val.jsonl "
+                        f"and test.jsonl only into a new or empty folder; check the path, or name <new folder>/train.jsonl")
+    if accelerator.is_main_process and build_model:
         from tools.make_tiny_llava import build_tiny_llava
 
-        print(f"building a tiny random LLaVA in {build_tiny_llava(cfg.model)}")
-    if cfg.make_synthetic_data and not Path(cfg.train_data).exists():
+        print(f"building a tiny random LLaVA in {build_tiny_llava(model_dir)}")
+    if accelerator.is_main_process and make_data:
         from tools.make_synthetic_screenshots import make_dataset
 
-        print(f"writing synthetic screenshots to {make_dataset(Path(cfg.train_data).parent)}")
+        print(f"writing synthetic screenshots to {make_dataset(manifest.parent)}")
+    accelerator.wait_for_everyone()
+
+
+def check_validation_classes(samples: list[Sample], best_metric: str) -> None:
+    """AUROC needs both classes, F1 an injection: without them the best checkpoint could never be chosen."""
+    needed = {"auroc": {0, 1}, "f1": {1}, "accuracy": set()}[best_metric]
+    if missing := needed - {s.label for s in samples}:
+        kind = "benign" if 0 in missing else "prompt-injection"
+        raise UserError(f"the validation set has no {kind} images, so its {best_metric} is undefined and could never "
+                        f"choose the best checkpoint; add some to --val_data, or pass --best_metric accuracy")
+
+
+def save_adapter(accelerator, model, processor, cfg: Config, answer_ids: list[int], output_dir: Path) -> Path:
+    """The adapter (save_pretrained, for PeftModel.from_pretrained), the processor and detector.json beside it."""
+    adapter_dir, tmp = output_dir / "adapter", output_dir / ".adapter.tmp"
+    state_dict = gathered_adapter_state(accelerator, model)  # a collective call under FSDP: every process
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
+        processor.save_pretrained(tmp)
+        detector = {"question": cfg.question, "yes_token": cfg.yes_token, "no_token": cfg.no_token,
+                    "answer_ids": answer_ids, "resize": cfg.resize, "base_model": cfg.model}
+        (tmp / "detector.json").write_text(json.dumps(detector, indent=2) + "\n")
+        replace_folder(tmp, adapter_dir)
+    accelerator.wait_for_everyone()
+    return adapter_dir
+
+
+RUN_OUTPUTS = ["config.yaml", "results.json", "metrics.jsonl", "val_predictions.jsonl", "roc_curve.png", "adapter",
+               "merged", "checkpoints", "llava_injection"]  # what a run writes ("llava_injection": tensorboard)
 
 
 def main(argv=None):
-    cfg = parse_config(Config, argv, description=__doc__.split("\n")[0])
+    cfg = parse_config(Config, argv, description=__doc__.split("\n")[0])  # every setting checked against its domain
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     if cfg.mode == "predict":
@@ -667,37 +777,38 @@ def main(argv=None):
         raise UserError(f"{err}; choose another --mixed_precision (bf16 works on CPU)") from None
     refuse_silent_fallbacks(accelerator)
     set_seed(cfg.seed)
-    resume_path = resolve_resume(cfg.output_dir, cfg.resume_from)
-    output_dir = Path(cfg.output_dir)
-    if accelerator.is_main_process:
-        prepare_output_dir(output_dir, resuming=cfg.resume_from is not None, overwrite=cfg.overwrite)
-        prepare_demo_inputs(cfg)
-    accelerator.wait_for_everyone()
 
+    # Check everything that bad input can fail before the first write: the output folder, the checkpoint to
+    # resume, the data (every image's header), the model, tokenizer and LoRA targets (before the weights load,
+    # so that an error is the first thing printed). The demo's generators write only into new or empty folders.
+    output_dir = check_output_dir(cfg.output_dir, resuming=cfg.resume_from is not None, overwrite=cfg.overwrite)
+    resume_path = resolve_resume(output_dir, cfg.resume_from)
+    prepare_demo_inputs(cfg, accelerator)
     data, skipped = {}, []
     for split, spec in (("train", cfg.train_data), ("val", cfg.val_data), ("test", cfg.test_data)):
         if spec is not None:
-            data[split], bad_lines = load_samples(spec, cfg.skip_bad_images)
-            skipped += bad_lines
-    for line in skipped:
-        accelerator.print(f"warning: skipping manifest line {line} (bad label or missing image)")
+            data[split], bad = load_samples(spec, cfg.skip_bad_images)
+            skipped += bad
+    check_validation_classes(data["val"], cfg.best_metric)
+    for entry in skipped:
+        warn(f"skipping {entry}")
     accelerator.print(", ".join(f"{len(s)} {k} images" for k, s in data.items()))
-    if accelerator.is_main_process:  # written once the inputs have passed their checks: bad input changes nothing
-        save_config(cfg, output_dir / "config.yaml")
+    from transformers import LlavaForConditionalGeneration
 
-    base, processor = load_base(cfg.model, cfg.model, base_dtype(cfg))
+    model_config = check_pretrained(cfg.model, MODEL_TYPES)
+    processor = load_processor(cfg.model)
     answer_ids = answer_token_ids(processor.tokenizer, cfg.no_token, cfg.yes_token)
-    model = add_lora(cfg, base)
     prompt = build_prompt(processor, cfg.question)
+    check_lora_targets(LlavaForConditionalGeneration, model_config, lora_config(cfg), lora_targets(cfg), cfg.model)
+
+    base = load_base(cfg.model, processor, base_dtype(cfg))
+    model = add_lora(cfg, base)
     accelerator.print(f"{cfg.model} ({base_dtype(cfg)}): {sum(p.numel() for p in model.parameters() if p.requires_grad):,}"
                       f" LoRA parameters | answer ids {cfg.no_token}={answer_ids[0]}, {cfg.yes_token}={answer_ids[1]}")
     loaders = {"train": make_loader(data["train"], processor, prompt, cfg, cfg.batch_size, shuffle=True)}
     for split in ("val", "test"):
         if split in data:
             loaders[split] = make_loader(data[split], processor, prompt, cfg, cfg.eval_batch_size, shuffle=False)
-    if len(cfg.class_weights) not in (0, 2):
-        raise UserError(f"--class_weights takes two numbers [No, Yes], got {cfg.class_weights}")
-
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay, fused=True)
     checkpoint_trainable_only(accelerator)
@@ -707,23 +818,30 @@ def main(argv=None):
     ema = EMA(model.parameters(), decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
     guard = NonFiniteGuard(accelerator, model, optimizer, cfg.nan_lr_backoff, cfg.max_nonfinite_in_a_row)
     state = TrainState()
-    if resume_path is not None:
-        load_checkpoint(accelerator, resume_path, {"train_state": state, "guard": guard} | ({"ema": ema} if ema else {}))
+    if resume_path is not None:  # refused if it does not fit these settings, before anything is written
+        load_checkpoint(accelerator, resume_path, {"train_state": state, "guard": guard} | ({"ema": ema} if ema else {}),
+                        config=cfg)
         accelerator.print(f"resumed from {resume_path} at step {state.step}, epoch {state.epoch}")
+
+    # Every check has passed: from here on the run writes (an --overwrite'n run's outputs go now, not before).
+    start_run(accelerator, output_dir, cfg, RUN_OUTPUTS, fresh=resume_path is None)
     if cfg.report_to != "none":
         accelerator.init_trackers("llava_injection", config={k: str(v) if isinstance(v, list) else v
                                                             for k, v in dataclasses.asdict(cfg).items()})
     log = MetricsLog(accelerator, output_dir, step_offset=state.step if resume_path else None)
     bad_seen: set[str] = set()
-
+    # SIGTERM/SIGINT: during training, finish the step, checkpoint and exit 75; after it, finish the final
+    # phase (save, score, write) and exit 0. A second signal stops at once.
+    preemption = Preemption().install()
     if train(cfg, accelerator, model, optimizer, loaders["train"], loaders["val"], data["val"], answer_ids,
-             class_weights, ema, guard, state, log, output_dir, bad_seen):
+             class_weights, ema, guard, state, log, output_dir, bad_seen, preemption):
         accelerator.end_training()
         accelerator.print(f"stopped by a signal at step {state.step} with a checkpoint saved; "
                           f"continue with --resume_from latest (exit code {EXIT_PREEMPTED})", flush=True)
         sys.exit(EXIT_PREEMPTED)
 
-    # The best adapter, chosen on validation, is evaluated (and the test set scored) once.
+    # The best adapter, chosen on validation, is saved first (a bad test image cannot cost the training),
+    # then the validation and test sets are scored once.
     if state.best_weights:
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -731,13 +849,15 @@ def main(argv=None):
                     p.copy_(state.best_weights[name])
     elif ema:
         ema.copy_to()  # no validation ran (e.g. a tiny --max_steps): use the current EMA weights
-    final = {"val": evaluate(model, loaders["val"], data["val"], accelerator, answer_ids, cfg, bad_seen)}
-    if "test" in loaders:
-        final["test"] = evaluate(model, loaders["test"], data["test"], accelerator, answer_ids, cfg, bad_seen)
-
-    # Save what the ecosystem loads: the adapter (save_pretrained) and the processor beside it.
-    adapter_dir = output_dir / "adapter"
-    state_dict = gathered_adapter_state(accelerator, model)  # a collective call under FSDP: every process
+    adapter_dir = save_adapter(accelerator, model, processor, cfg, answer_ids, output_dir)
+    final = {}
+    for split in loaders.keys() - {"train"}:
+        try:
+            final[split] = evaluate(model, loaders[split], data[split], accelerator, answer_ids, cfg, bad_seen)
+        except UserError as err:
+            raise UserError(f"{err} (the trained adapter is saved in {adapter_dir}; once fixed, --resume_from latest "
+                            f"scores the {split} set without training again)") from None
+    final = {split: final[split] for split in ("val", "test") if split in final}
     bad_images = set().union(*gather_object([sorted(bad_seen)]))  # unreadable files seen by any process
     results = {f"{split}_{k}": v for split, m in final.items() for k, v in m.items() if k not in ("roc", "scored")}
     results |= {"best_step": state.best_step, "best_metric": cfg.best_metric, "epochs_run": state.epoch,
@@ -749,22 +869,21 @@ def main(argv=None):
                 "mixed_precision": accelerator.mixed_precision, "fell_back_to_fp32_at_step": guard.fallback_step,
                 "seed": cfg.seed}
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(adapter_dir, state_dict=state_dict)
-        processor.save_pretrained(adapter_dir)
-        detector = {"question": cfg.question, "yes_token": cfg.yes_token, "no_token": cfg.no_token,
-                    "answer_ids": answer_ids, "resize": cfg.resize, "base_model": cfg.model}
-        (adapter_dir / "detector.json").write_text(json.dumps(detector, indent=2) + "\n")
         write_predictions(output_dir / "val_predictions.jsonl", data["val"], final["val"]["scored"])
         write_json(output_dir / "results.json", results)
         save_roc_plot(output_dir / "roc_curve.png", final)
         if cfg.merge:  # reload in one process, so it works whatever the training setup was
             merged, merged_processor, _ = load_trained(cfg.model, adapter_dir, base_dtype(cfg))
-            merged.merge_and_unload().save_pretrained(output_dir / "merged")
-            merged_processor.save_pretrained(output_dir / "merged")
+            merged.merge_and_unload().save_pretrained(output_dir / ".merged.tmp")
+            merged_processor.save_pretrained(output_dir / ".merged.tmp")
+            replace_folder(output_dir / ".merged.tmp", output_dir / "merged")
         print(" | ".join(f"{split} {summary(m)}" for split, m in final.items()) +
               f" | {results['wall_seconds']:.0f} s | adapter in {adapter_dir}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    preemption.uninstall()
+    if preemption.requested:
+        accelerator.print("the signal came after training: the adapter, scores and outputs were finished (exit code 0)")
     return results
 
 

@@ -28,6 +28,7 @@ from accelerate import Accelerator, DataLoaderConfiguration  # noqa: E402
 import train_dual_task as tdt  # noqa: E402
 from common.ema import EMA  # noqa: E402
 from common.guard import NonFiniteGuard  # noqa: E402
+from common.preemption import Preemption  # noqa: E402
 from common.run_log import MetricsLog  # noqa: E402
 
 
@@ -62,7 +63,7 @@ def full_loop(cfg, accelerator, initial_state, splits, workdir: Path) -> float:
     log = MetricsLog(accelerator, workdir)
     start = time.perf_counter()
     tdt.train(cfg, accelerator, model, optimizer, train_loader, val_loader, loss_fn, ema, guard, tdt.TrainState(),
-              log, workdir)
+              log, workdir, Preemption())
     return (time.perf_counter() - start) / cfg.max_steps
 
 

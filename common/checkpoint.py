@@ -1,31 +1,45 @@
-"""Atomic checkpoints and resume.
+"""Atomic, verified checkpoints and resume.
 
 Layout under `output_dir/checkpoints/`:
 
     step_00000120/            one complete checkpoint
         model.safetensors, optimizer.bin, random_states_*.pkl   (accelerator.save_state)
         train_state_rank0.pt  (this rank's loop state: step, EMA, guard, ... ; loaded with weights_only=True)
-        meta.json             (written last: a folder without it is incomplete and ignored)
+        meta.json             (written last: the step, the number of processes, the run's settings, and
+                               the size and SHA-256 of every other file; a folder without it is ignored)
     LATEST                    the name of the newest complete checkpoint
     BEST                      the name of the checkpoint saved with `best=True` (kept when pruning)
 
 A checkpoint is written to a hidden temporary folder and renamed into place, so a kill during a
 save never leaves a broken "latest". Every process calls `save_checkpoint` and `load_checkpoint`
 (save_state gathers across ranks and each rank stores its own RNG and shard state); only the main
-process renames, writes LATEST and prunes.
+process renames, writes LATEST and prunes. With several machines, `output_dir` must be on a
+filesystem that every machine sees.
+
+Resuming checks before it loads anything: every file against its recorded size and checksum (a
+disk that filled up, a copy cut short), and the settings that must not change within a run
+(`metadata={"same_on_resume": True}` on a Config field: the model's shape, the data split) against
+the ones the checkpoint was written with. `--resume_from latest` skips a damaged newest checkpoint
+for the newest intact one and says so (a warning line); a damaged checkpoint named by path is refused
+with the name of the newest intact one.
 """
 
+import dataclasses
+import hashlib
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
 import torch
 
-from common.errors import UserError
+from common.errors import UserError, first_line, warn
+from common.run_log import replace_folder
 
 LATEST = "LATEST"
 BEST = "BEST"
+META = "meta.json"
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -34,25 +48,45 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _read_meta(folder: Path) -> dict | None:
+    """meta.json as a dict with an integer step, or None if it is missing or garbled."""
+    try:
+        meta = json.loads((folder / META).read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(meta, dict) and isinstance(meta.get("step"), int) and isinstance(meta.get("num_processes"), int)
+    return meta if ok else None
+
+
 def _complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     """(step, folder) of every complete checkpoint, oldest first, read from meta.json, not folder names."""
     found = []
     for folder in root.iterdir() if root.is_dir() else []:
-        meta = folder / "meta.json"
-        if folder.is_dir() and not folder.name.startswith(".") and meta.is_file():
-            try:
-                found.append((json.loads(meta.read_text())["step"], folder))
-            except (ValueError, KeyError):
-                continue
+        if folder.is_dir() and not folder.name.startswith(".") and (meta := _read_meta(folder)) is not None:
+            found.append((meta["step"], folder))
     return sorted(found)
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _file_records(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != META}
+
+
 def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict, keep_last: int = 2,
-                    best: bool = False) -> Path:
+                    best: bool = False, config=None) -> Path:
     """Save model, optimizer, RNG (via save_state) and `state` ({name: object with state_dict()}).
 
     Keeps the newest `keep_last` checkpoints plus the one marked `best` (by the loop's own
-    validation metric), so that a run can always be restarted from its best point.
+    validation metric), so that a run can always be restarted from its best point. `config` (the
+    run's Config) is recorded so that a resume with settings that do not fit is refused.
     """
     root = Path(output_dir) / "checkpoints"
     final = root / f"step_{step:08d}"
@@ -67,10 +101,11 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict,
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         meta = {"step": step, "num_processes": accelerator.num_processes}
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if config is not None:
+            meta["config"] = dataclasses.asdict(config)
+        meta["files"] = _file_records(tmp)
+        (tmp / META).write_text(json.dumps(meta, indent=1))
+        replace_folder(tmp, final)
         _write_text_atomic(root / LATEST, final.name)
         if best:
             _write_text_atomic(root / BEST, final.name)
@@ -90,35 +125,85 @@ def find_latest_checkpoint(output_dir: str | Path) -> Path | None:
     root = Path(output_dir) / "checkpoints"
     pointer = root / LATEST
     if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
-        if (candidate / "meta.json").is_file():
+        candidate = root / pointer.read_text(errors="replace").strip()
+        if candidate.name and _read_meta(candidate) is not None:
             return candidate
     complete = _complete_checkpoints(root)
     return complete[-1][1] if complete else None
 
 
+def checkpoint_problem(folder: Path) -> str | None:
+    """What is wrong with a checkpoint folder (garbled meta.json, a file missing, cut short or altered), or None."""
+    meta = _read_meta(folder)
+    if meta is None:
+        return f"its {META} is missing or garbled"
+    for name, record in meta.get("files", {}).items():  # checkpoints from before checksums: nothing to compare
+        path = folder / name
+        if not path.is_file():
+            return f"its file {name} is missing"
+        if path.stat().st_size != record["bytes"]:
+            return f"its file {name} has {path.stat().st_size:,} bytes, {record['bytes']:,} were written"
+        if _sha256(path) != record["sha256"]:
+            return f"its file {name} does not match the checksum it was written with"
+    return None
+
+
 def resolve_resume(output_dir: str | Path, resume_from: str | None) -> Path | None:
-    """Turn `--resume_from` (None, 'latest' or a path) into a checkpoint folder, or None to start fresh."""
+    """Turn `--resume_from` (None, 'latest' or a path) into an intact checkpoint folder, or None to start fresh."""
     if not resume_from:
         return None
+    root = Path(output_dir) / "checkpoints"
+    # Newest first; a folder whose meta.json is garbled is ordered by its name.
+    candidates = sorted(
+        (folder for folder in (root.iterdir() if root.is_dir() else [])
+         if folder.is_dir() and not folder.name.startswith(".") and (folder / META).exists()),
+        key=lambda f: ((_read_meta(f) or {}).get("step", -1), f.name), reverse=True)
     if resume_from == "latest":
-        return find_latest_checkpoint(output_dir)  # None: nothing saved yet, so start from scratch
+        for folder in candidates:
+            if (problem := checkpoint_problem(folder)) is None:
+                return folder
+            warn(f"checkpoint {folder} is damaged ({problem}); trying the one before it")
+        if candidates:
+            raise UserError(f"every checkpoint in {root} is damaged; start a new run in another --output_dir")
+        return None  # nothing saved yet: start from scratch
     path = Path(resume_from)
-    if not (path / "meta.json").is_file():
-        raise UserError(f"--resume_from {path} is not a complete checkpoint folder (no meta.json); "
-                        f"pass 'latest' or a folder under {Path(output_dir) / 'checkpoints'}")
+    if not (path / META).is_file():
+        raise UserError(f"--resume_from {path} is not a complete checkpoint folder (no {META}); "
+                        f"pass 'latest' or a folder under {root}")
+    if (problem := checkpoint_problem(path)) is not None:
+        intact = next((f for f in candidates if f.resolve() != path.resolve() and checkpoint_problem(f) is None), None)
+        fix = f"pass --resume_from {intact} (the newest intact checkpoint)" if intact else "start a new run"
+        raise UserError(f"checkpoint {path} is damaged: {problem}; {fix}")
     return path
 
 
-def load_checkpoint(accelerator, path: Path, state: dict) -> dict:
-    """Restore what save_checkpoint wrote into the prepared objects and `state`; returns meta.json."""
-    meta = json.loads((path / "meta.json").read_text())
+def load_checkpoint(accelerator, path: Path, state: dict, config=None) -> dict:
+    """Restore what save_checkpoint wrote into the prepared objects and `state`; returns meta.json.
+
+    Refuses, before loading anything, a checkpoint written by another number of processes or with
+    other values of `config`'s `same_on_resume` settings (`resolve_resume` has checked its files).
+    """
+    meta = _read_meta(path)
+    if meta is None:
+        raise UserError(f"checkpoint {path} is damaged: its {META} is missing or garbled; resume from another checkpoint")
     own = path / f"train_state_rank{accelerator.process_index}.pt"
     if meta["num_processes"] != accelerator.num_processes or not own.is_file():
         raise UserError(f"checkpoint {path} was written by {meta['num_processes']} processes; "
                         f"resume it with the same number of processes (now {accelerator.num_processes})")
-    accelerator.load_state(str(path))
-    saved = torch.load(own, map_location="cpu", weights_only=True)
-    for name, obj in state.items():
-        obj.load_state_dict(saved[name])
+    if config is not None and "config" in meta:
+        for f in dataclasses.fields(config):
+            saved, asked = meta["config"].get(f.name), getattr(config, f.name)
+            if f.metadata.get("same_on_resume") and f.name in meta["config"] and saved != asked:
+                raise UserError(f"checkpoint {path} was trained with --{f.name} {saved!r}, this run asks for "
+                                f"{asked!r}; resume with --{f.name} {saved!r}, or start a new run in another --output_dir")
+    try:
+        accelerator.load_state(str(path))
+        saved = torch.load(own, map_location="cpu", weights_only=True)
+        for name, obj in state.items():
+            obj.load_state_dict(saved[name])
+    except UserError:
+        raise
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as err:
+        raise UserError(f"checkpoint {path} does not fit this run ({type(err).__name__}: {first_line(err)}); resume "
+                        f"with the settings it was written with, or start a new run in another --output_dir") from None
     return meta

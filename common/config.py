@@ -1,21 +1,102 @@
 """Turn a Config dataclass into a command line, with an optional YAML file underneath.
 
 Precedence: dataclass defaults < `--config file.yaml` < `--name value` on the command line.
-Every field becomes `--name`; its help text comes from `field(metadata={"help": ...})` and an
-optional `metadata={"choices": [...]}` restricts the values. Unknown keys and values of the wrong
+Fields are declared with `setting(default, help, domain)`: every field becomes `--name`, and its
+values are limited by `choices=[...]` or a `Domain` (`at_least(1)`, `between(0, 1)`, `NON_EMPTY`, ...:
+for a list, each item), declared beside the field and checked here by `check_domains`, which a
+Config calls in its `__post_init__` (beside the rules that tie fields together): so a value outside
+its domain is refused when the config is built, before a run writes anything. Unknown keys and values of the wrong
 type are rejected with a message that names the key and suggests the closest valid one.
 """
 
 import argparse
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 
 from common.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Domain:
+    """The values a setting may take: `describe` reads "must be <describe>" in errors and --help."""
+
+    describe: str
+    accepts: Callable[[object], bool]
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _show(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def at_least(low: float) -> Domain:
+    return Domain(f">= {_show(low)}", lambda v: _number(v) and v >= low)
+
+
+def above(low: float) -> Domain:
+    return Domain(f"> {_show(low)}", lambda v: _number(v) and v > low)
+
+
+def between(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Domain:
+    """A closed interval by default; `low_open`/`high_open` leave an end out."""
+    left, right = "(" if low_open else "[", ")" if high_open else "]"
+
+    def accepts(v):
+        return _number(v) and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+
+    return Domain(f"in {left}{_show(low)}, {_show(high)}{right}", accepts)
+
+
+NON_EMPTY = Domain("a non-empty string", lambda v: isinstance(v, str) and v.strip() != "")
+IDENTIFIER = Domain("a module name (letters, digits and _)",
+                    lambda v: isinstance(v, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v) is not None)
+
+
+def _tracker_names() -> list[str]:
+    from accelerate.tracking import get_available_trackers
+
+    return sorted(str(t) for t in get_available_trackers())
+
+
+TRACKER = Domain(f"none, all or an installed Accelerate tracker (here: {', '.join(_tracker_names()) or 'none installed'})",
+                 lambda v: v in ("none", "all") or v in _tracker_names())
+
+
+def setting(default, help: str, domain: Domain | None = None, choices: list | None = None,
+            same_on_resume: bool = False):
+    """A Config field: its default, help text, the values it may take, and whether a resumed run must keep it."""
+    metadata = {"help": help, "domain": domain, "choices": choices, "same_on_resume": same_on_resume}
+    metadata = {k: v for k, v in metadata.items() if v}
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def check_domains(config) -> None:
+    """Refuse the first field whose value (each item, for a list) is outside its choices or domain."""
+    for f in dataclasses.fields(config):
+        value, choices, domain = getattr(config, f.name), f.metadata.get("choices"), f.metadata.get("domain")
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if item is None:
+                continue  # an optional setting left unset
+            if choices and item not in choices:
+                raise UserError(f"--{f.name} {item!r} is not one of {', '.join(map(str, choices))}; "
+                                f"fix it on the command line or in the --config YAML")
+            if domain and not domain.accepts(item):
+                finite = "a finite number " if isinstance(item, float) and not math.isfinite(item) else ""
+                raise UserError(f"--{f.name} {item!r} is not allowed: it must be {finite}{domain.describe}; "
+                                f"fix it on the command line or in the --config YAML")
 
 
 def _field_type(cls, field: dataclasses.Field) -> tuple[type, bool, bool]:
@@ -71,7 +152,9 @@ def _convert(key: str, value, scalar: type, is_list: bool, optional: bool, choic
             f"config key '{key}' expects {scalar.__name__}, got {value!r}; fix the value in the YAML or on the command line"
         ) from None
     if choices and converted not in choices:
-        raise UserError(f"config key '{key}' must be one of {', '.join(map(str, choices))}; got {converted!r}")
+        close = difflib.get_close_matches(str(converted), [str(c) for c in choices], n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise UserError(f"config key '{key}' must be one of {', '.join(map(str, choices))}; got {converted!r}{hint}")
     return converted
 
 
@@ -92,11 +175,12 @@ def parse_config(cls, argv: list[str] | None = None, description: str | None = N
         scalar, is_list, _ = _field_type(cls, f)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kind = f"list of {scalar.__name__}, comma separated" if is_list else scalar.__name__
+        domain = f"; {'each ' if is_list else ''}{f.metadata['domain'].describe}" if "domain" in f.metadata else ""
         parser.add_argument(
             f"--{name}",
             default=argparse.SUPPRESS,
             metavar=kind.upper() if not f.metadata.get("choices") else "{" + ",".join(map(str, f.metadata["choices"])) + "}",
-            help=f"{f.metadata.get('help', '')} (default: {default!r})",
+            help=f"{f.metadata.get('help', '')} (default: {default!r}{domain})".replace("%", "%%"),
         )
     args, unknown = parser.parse_known_args(argv)
     if unknown:
@@ -110,9 +194,14 @@ def parse_config(cls, argv: list[str] | None = None, description: str | None = N
     if args.config is not None:
         path = Path(args.config)
         if not path.is_file():
-            raise UserError(f"config file {path} does not exist; check the --config path")
+            what = "is a folder, not a file" if path.is_dir() else "does not exist"
+            raise UserError(f"config file {path} {what}; check the --config path")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
+        except UnicodeDecodeError:
+            raise UserError(f"config file {path} is not UTF-8 text; pass a YAML file of key: value lines") from None
+        except OSError as err:
+            raise UserError(f"cannot read config file {path} ({err.strerror}); check its permissions") from None
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
@@ -130,7 +219,7 @@ def parse_config(cls, argv: list[str] | None = None, description: str | None = N
     for key, value in values.items():
         scalar, is_list, optional = _field_type(cls, fields[key])
         converted[key] = _convert(key, value, scalar, is_list, optional, fields[key].metadata.get("choices"))
-    return cls(**converted)
+    return cls(**converted)  # its __post_init__ checks every domain and the rules between fields
 
 
 def save_config(config, path: Path) -> None:

@@ -12,6 +12,20 @@ EXIT_BAD_INPUT = 2  # argparse's convention
 EXIT_DIVERGED = 3
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (short enough for an `error:` line)."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+
+
+def warn(message: str, every_process: bool = False) -> None:
+    """A legal but surprising setting, or a skipped input: one `warning:` line on stderr (main process only,
+    unless what is warned about was seen by this process alone)."""
+    from accelerate import PartialState
+
+    if every_process or PartialState().is_main_process:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 class UserError(Exception):
     """Something the user can fix (a path, a file's contents, a config key). The message says how."""
 

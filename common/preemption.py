@@ -1,5 +1,10 @@
 """Preemption: on SIGTERM or SIGINT, finish the current step, save a checkpoint, exit with code 75.
 
+The handler stays installed after the training loop: a signal during the short final phase (test
+evaluation, saving the outputs) lets that phase finish, and the run exits 0 as if uninterrupted. (A
+hard kill there loses nothing either: resuming from the last checkpoint skips the finished training
+and redoes only the final phase.)
+
 Clusters and spot machines send SIGTERM some seconds before they kill a job; Ctrl-C sends SIGINT.
 The handler only records the request. The loop asks `should_stop()` after each optimizer step and,
 when it says so, saves a checkpoint and leaves; the script then exits with `EXIT_PREEMPTED` (75,
@@ -41,8 +46,9 @@ class Preemption:
     def _handle(self, signum, frame):
         self.requested = True
         self.uninstall()  # the next signal acts as if we had never installed anything
-        print(f"received {signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-              f"(send it again to stop at once)", file=sys.stderr, flush=True)
+        print(f"received {signal.Signals(signum).name}: finishing this step, then saving a checkpoint (or, after "
+              f"training, finishing the final evaluation and outputs); send it again to stop at once",
+              file=sys.stderr, flush=True)
 
     def should_stop(self, accelerator, at_sync_point: bool) -> bool:
         """True on every process when any process was signalled (checked at `at_sync_point` steps if distributed)."""

@@ -359,7 +359,9 @@ def test_checkpoints_are_saved_by_every_rank_written_once_and_resume_on_two_proc
     assert sorted(p.name for p in checkpoint.iterdir()) == [
         "meta.json", "model.safetensors", "optimizer.bin", "random_states_0.pkl", "random_states_1.pkl",
         "train_state_rank0.pt", "train_state_rank1.pt"]  # shared state once, per-rank state per rank
-    assert json.loads((checkpoint / "meta.json").read_text()) == {"step": 6, "num_processes": 2}
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    assert (meta["step"], meta["num_processes"], meta["config"]["batch_size"]) == (6, 2, 256)
+    assert sorted(meta["files"]) == sorted(p.name for p in checkpoint.iterdir() if p.name != "meta.json")  # every rank's
     assert (out / "checkpoints" / "LATEST").read_text() == "step_00000006"
     assert not list((out / "checkpoints").glob(".tmp*"))
     run([*launch(), "--config_file", "accelerate_configs/ddp.yaml", "train_dual_task.py", *ddp, "--max_steps", "9",

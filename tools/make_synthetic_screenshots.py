@@ -13,6 +13,7 @@ Sizes and aspect ratios vary, and a few files are RGBA PNGs or CMYK JPEGs, as sc
 import argparse
 import json
 import random
+import sys
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -122,6 +123,8 @@ def _save(img: Image.Image, path_stem: Path, rng: random.Random) -> Path:
 def make_dataset(output_dir: str | Path, sizes: dict[str, int] | None = None, seed: int = 0) -> Path:
     """Write balanced splits (default 400/100/100 images) and their manifests; returns the folder."""
     root = Path(output_dir)
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):  # never mix into, or overwrite, someone's files
+        raise FileExistsError(f"{root} is not an empty folder; synthetic data is written only into a new or empty one")
     sizes = sizes or {"train": 400, "val": 100, "test": 100}
     rng = random.Random(seed)
     for split, n in sizes.items():
@@ -133,7 +136,8 @@ def make_dataset(output_dir: str | Path, sizes: dict[str, int] | None = None, se
             folder.mkdir(parents=True, exist_ok=True)
             path = _save(img, folder / f"{split}_{i:05d}", rng)
             records.append({"path": str(path.relative_to(root)), "label": label, "subset": subset})
-        (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        with (root / f"{split}.jsonl").open("x") as f:  # "x": fails rather than replace a file
+            f.write("".join(json.dumps(r) + "\n" for r in records))
     return root
 
 
@@ -145,5 +149,8 @@ if __name__ == "__main__":
     parser.add_argument("--test", type=int, default=100, help="test images")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     args = parser.parse_args()
-    out = make_dataset(args.output_dir, {"train": args.train, "val": args.val, "test": args.test}, args.seed)
+    try:
+        out = make_dataset(args.output_dir, {"train": args.train, "val": args.val, "test": args.test}, args.seed)
+    except FileExistsError as err:
+        sys.exit(print(f"error: {err}; pick a new --output_dir", file=sys.stderr) or 2)
     print(f"synthetic screenshots and train/val/test manifests written to {out}")

@@ -10,6 +10,7 @@ The tokenizer is a word-level vocabulary built with the `tokenizers` library in 
 """
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -52,6 +53,9 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 def build_tiny_llava(output_dir: str | Path, image_size: int = 64, patch_size: int = 8, seed: int = 0) -> Path:
     """Write a tiny random LLaVA and its processor to `output_dir`; returns the folder."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):  # never overwrite a real model
+        raise FileExistsError(f"{output_dir} is not an empty folder; the tiny model is built only into a new or empty one")
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -69,7 +73,6 @@ def build_tiny_llava(output_dir: str | Path, image_size: int = 64, patch_size: i
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                chat_template=CHAT_TEMPLATE)
-    output_dir = Path(output_dir)
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
     return output_dir
@@ -82,4 +85,7 @@ if __name__ == "__main__":
     parser.add_argument("--patch_size", type=int, default=8, help="vision patch size")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     args = parser.parse_args()
-    print(f"tiny LLaVA saved to {build_tiny_llava(args.output_dir, args.image_size, args.patch_size, args.seed)}")
+    try:
+        print(f"tiny LLaVA saved to {build_tiny_llava(args.output_dir, args.image_size, args.patch_size, args.seed)}")
+    except FileExistsError as err:
+        sys.exit(print(f"error: {err}; pick a new --output_dir", file=sys.stderr) or 2)

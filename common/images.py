@@ -1,0 +1,48 @@
+"""Reading image files a user supplies: every mode to 8-bit RGB, and a cheap header check before training.
+
+Screenshots come as PNG, JPEG, WebP, ... in RGBA, CMYK, palette or 16-bit modes, and now and then
+as a file that is empty, cut short, not an image at all, or one whose header claims billions of
+pixels (a decompression bomb: decoding it would exhaust memory). `image_problem` finds what the
+header shows, before anything is trained or written; `load_rgb` decodes, in DataLoader workers.
+"""
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+# What reading an image can raise: missing or unreadable files (OSError), unknown formats and broken
+# headers (PIL's UnidentifiedImageError is an OSError; some decoders raise ValueError or SyntaxError).
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def open_checked(path: Path) -> Image.Image:
+    """Open an image (reads its header only); refuse one whose pixel count could exhaust memory when decoded."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, with a clearer message
+        img = Image.open(path)
+    if img.width * img.height > Image.MAX_IMAGE_PIXELS:  # PIL only warns below twice this
+        img.close()
+        raise ValueError(f"{img.width}x{img.height} pixels is over the {Image.MAX_IMAGE_PIXELS:,}-pixel limit")
+    return img
+
+
+def image_problem(path: Path) -> str | None:
+    """Why `path` cannot be read as an image, as far as its header shows; None if it looks fine."""
+    try:
+        open_checked(path).close()
+    except IMAGE_ERRORS as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Any image as 8-bit RGB: alpha composited on white, CMYK and palettes converted, 16-bit scaled."""
+    with open_checked(path) as img:
+        img.load()
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit grayscale: convert("RGB") would clip it
+        img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
+    return img.convert("RGB")
