@@ -39,7 +39,7 @@ from common.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from common.config import NON_EMPTY, TRACKER, above, at_least, between, check_domains, parse_config, setting
 from common.distributed import refuse_silent_fallbacks
 from common.ema import EMA
-from common.errors import UserError, exit_on_user_error, warn
+from common.errors import NonFiniteTrainingError, UserError, exit_on_user_error, warn
 from common.guard import NonFiniteGuard
 from common.preemption import EXIT_PREEMPTED, Preemption
 from common.run_log import MetricsLog, check_output_dir, peak_memory_mb, start_run, write_json
@@ -55,7 +55,7 @@ class Config:
     data_dir: str = setting("data/cmapss", "folder with {train,test,RUL}_FD00x.txt[.gz]", NON_EMPTY)
     sensors: list[int] = setting(INFORMATIVE_SENSORS, "sensor numbers used as inputs", between(1, 21), same_on_resume=True)
     window: int = setting(30, "cycles per input window", at_least(1), same_on_resume=True)
-    rul_cap: int = setting(125, "piecewise-linear RUL cap, for training labels and the true test RUL", at_least(1), same_on_resume=True)
+    rul_cap: int = setting(125, "piecewise-linear RUL cap, for training labels and the true test RUL", between(1, 100_000), same_on_resume=True)
     val_fraction: float = setting(0.2, "fraction of training engines held out for validation", between(0, 1, low_open=True, high_open=True), same_on_resume=True)
     healthy_above: int = setting(50, "RUL above this is 'healthy'", at_least(1), same_on_resume=True)
     critical_at_or_below: int = setting(15, "RUL at or below this is 'critical'; between is 'degrading'", at_least(0), same_on_resume=True)
@@ -69,7 +69,7 @@ class Config:
     gru_layers: int = setting(2, "bidirectional GRU layers", between(1, 8), same_on_resume=True)
     dropout: float = setting(0.2, "dropout in the GRU and heads", between(0, 1, high_open=True))
     # loss
-    failure_weight: float = setting(1.0, "RUL MSE weight grows from 1 to 1+this as RUL goes to 0", at_least(0))
+    failure_weight: float = setting(1.0, "RUL MSE weight grows from 1 to 1+this as RUL goes to 0", between(0, 1000))
     amnl_decay: float = setting(0.99, "decay of the running averages that normalise each task loss", between(0, 1, high_open=True))
     rul_loss_weight: float = setting(0.5, "AMNL weight of the RUL task", between(0, 1))
     # optimisation
@@ -77,8 +77,8 @@ class Config:
     max_steps: int = setting(0, "stop after this many optimizer steps (0: no limit)", at_least(0))
     batch_size: int = setting(256, "windows per micro-batch per process", at_least(1))
     grad_accum_steps: int = setting(1, "micro-batches per optimizer step", at_least(1))
-    lr: float = setting(1e-3, "peak learning rate", above(0))
-    weight_decay: float = setting(1e-4, "AdamW weight decay (not on biases and norm weights)", at_least(0))
+    lr: float = setting(1e-3, "peak learning rate (AdamW: above 1 is a typo)", between(0, 1, low_open=True))
+    weight_decay: float = setting(1e-4, "AdamW weight decay (not on biases and norm weights)", between(0, 10))
     wd_decay_epochs: list[int] = setting([100, 200], "epochs after which weight decay is multiplied...", at_least(0))
     wd_decay_factors: list[float] = setting([0.5, 0.1], "...by these factors", at_least(0))
     warmup_epochs: int = setting(3, "linear LR warmup from 0.1x to 1x over these epochs", at_least(0))
@@ -151,7 +151,7 @@ def read_table(path: Path, columns: int) -> np.ndarray:
         if bad.any():
             row = int(np.argmax(bad)) + 1
             raise UserError(f"{path} row {row} (engine {table[row - 1, 0]:g}, cycle {table[row - 1, 1]:g}) breaks the "
-                            f"layout: whole engine and cycle numbers from 1, each engine's rows together in cycle order")
+                            f"layout; restore the file (whole engine and cycle numbers from 1, each engine's rows together in cycle order)")
     elif (table < 0).any():  # RUL_FD00x: cycles left, one row per test engine
         raise UserError(f"{path} row {int(np.argmax(table[:, 0] < 0)) + 1} holds a negative RUL; restore the original file")
     return table
@@ -492,6 +492,9 @@ def evaluate(model, loader, accelerator, rul_cap: int) -> dict:
     model.train()
     pred = (torch.cat(preds) * rul_cap).clamp(0, rul_cap)  # the model predicts RUL / cap
     true = torch.cat(trues)
+    if not torch.isfinite(pred).all():  # weights that overflowed: no result is better than a meaningless one
+        raise NonFiniteTrainingError("the model's predictions are not finite (its weights diverged); lower --lr, "
+                                     "then resume from a checkpoint before the divergence or start again")
     return {
         "rmse": torch.sqrt(((pred - true) ** 2).mean()).item(),
         "score": phm08_score(pred, true),

@@ -31,6 +31,7 @@ import os
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +47,7 @@ from common.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from common.config import IDENTIFIER, NON_EMPTY, TRACKER, above, at_least, between, check_domains, parse_config, setting
 from common.distributed import refuse_silent_fallbacks
 from common.ema import EMA
-from common.errors import UserError, exit_on_user_error, first_line, warn
+from common.errors import NonFiniteTrainingError, UserError, exit_on_user_error, first_line, warn
 from common.guard import NonFiniteGuard
 from common.images import IMAGE_ERRORS, image_problem, load_rgb
 from common.preemption import EXIT_PREEMPTED, Preemption
@@ -92,8 +93,8 @@ class Config:
     batch_size: int = setting(4, "screenshots per micro-batch per process", at_least(1))
     eval_batch_size: int = setting(8, "screenshots per evaluation batch per process", at_least(1))
     grad_accum_steps: int = setting(4, "micro-batches per optimizer step", at_least(1))
-    lr: float = setting(2e-4, "peak learning rate", above(0))
-    weight_decay: float = setting(0.0, "AdamW weight decay on the LoRA weights", at_least(0))
+    lr: float = setting(2e-4, "peak learning rate (AdamW: above 1 is a typo)", between(0, 1, low_open=True))
+    weight_decay: float = setting(0.0, "AdamW weight decay on the LoRA weights", between(0, 10))
     warmup_ratio: float = setting(0.03, "fraction of the optimizer steps spent in linear warmup", between(0, 1))
     min_lr_factor: float = setting(0.1, "the cosine ends at this fraction of --lr", between(0, 1))
     max_grad_norm: float = setting(1.0, "gradient clipping norm", above(0))
@@ -122,11 +123,13 @@ class Config:
     def __post_init__(self):  # every field in its domain, then the rules that tie fields together
         check_domains(self)
         if len(self.class_weights) not in (0, 2):
-            raise UserError(f"--class_weights takes two numbers [No, Yes], got {self.class_weights}")
+            raise UserError(f"--class_weights takes two numbers [No, Yes], got {self.class_weights}; e.g. --class_weights 1,3")
+        if not self.lora_target_modules and not self.lora_vision_modules:
+            raise UserError("no LoRA targets: --lora_target_modules and --lora_vision_modules are both empty; name at least one module")
         if self.yes_token == self.no_token:
             raise UserError(f"--yes_token and --no_token are both {self.yes_token!r}; give two different answer words")
         if self.mode == "predict" and self.predict_data is None:
-            raise UserError("--mode predict needs --predict_data (a manifest or a folder of images)")
+            raise UserError("--mode predict needs images to score; pass --predict_data (a manifest or a folder of images)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,7 +173,7 @@ def read_manifest(path: Path, skip_bad: bool, need_labels: bool) -> tuple[list[S
                 continue
         if not skip_bad:
             raise UserError(f"{path} line {number} {problem}; fix the line or pass --skip_bad_images")
-        skipped.append(f"{path}:{number}")
+        skipped.append(f"{path} line {number} ({problem})")
     return samples, skipped
 
 
@@ -196,8 +199,10 @@ def load_samples(spec: str, skip_bad: bool, need_labels: bool = True) -> tuple[l
         raise UserError(f"data path {path} does not exist; pass a JSONL manifest or a {{benign,malicious}}/ folder")
     samples, skipped = read_manifest(path, skip_bad, need_labels) if path.is_file() else (read_folder(path, need_labels), [])
     readable = []
-    for sample in samples:  # headers only: cheap, and it finds a bad file before any training, not hours into it
-        if (problem := image_problem(sample.path)) is None:
+    with ThreadPoolExecutor(8) as pool:  # headers (and PNG checksums) only: it finds a bad file before training, not hours in
+        problems = list(pool.map(image_problem, [sample.path for sample in samples]))
+    for sample, problem in zip(samples, problems):
+        if problem is None:
             readable.append(sample)
         elif not skip_bad:
             raise UserError(f"cannot read image {sample.path} ({problem}); fix or remove it, or pass --skip_bad_images")
@@ -328,7 +333,7 @@ def answer_token_ids(tokenizer, no_word: str, yes_word: str) -> list[int]:
                             f"{tokenizer.convert_ids_to_tokens(pieces)}); pass a single-token word with {flag}")
         ids.append(pieces[0])
     if ids[0] == ids[1]:
-        raise UserError(f"--no_token {no_word!r} and --yes_token {yes_word!r} are the same token")
+        raise UserError(f"--no_token {no_word!r} and --yes_token {yes_word!r} are the same token; pass two different words")
     return ids
 
 
@@ -596,6 +601,9 @@ def summary(m: dict) -> str:
 
 def evaluate(model, loader, samples, accelerator, answer_ids, cfg, bad_seen) -> dict:
     scored = score_images(model, loader, accelerator, answer_ids, cfg.skip_bad_images, bad_seen)
+    if not np.isfinite(scored["p_yes"]).all():  # weights that overflowed: no result is better than a meaningless one
+        raise NonFiniteTrainingError("the model's answers are not finite (the LoRA weights diverged); lower --lr, "
+                                     "then resume from a checkpoint before the divergence or start again")
     keep = scored["valid"] > 0  # placeholders of unreadable images do not count
     subsets = [samples[i].subset for i in scored["index"][keep]]
     metrics = classification_metrics(scored["p_yes"][keep], scored["label"][keep], subsets, cfg.target_fpr)
@@ -851,13 +859,12 @@ def main(argv=None):
         ema.copy_to()  # no validation ran (e.g. a tiny --max_steps): use the current EMA weights
     adapter_dir = save_adapter(accelerator, model, processor, cfg, answer_ids, output_dir)
     final = {}
-    for split in loaders.keys() - {"train"}:
+    for split in [split for split in ("val", "test") if split in loaders]:  # the same order on every process
         try:
             final[split] = evaluate(model, loaders[split], data[split], accelerator, answer_ids, cfg, bad_seen)
         except UserError as err:
             raise UserError(f"{err} (the trained adapter is saved in {adapter_dir}; once fixed, --resume_from latest "
                             f"scores the {split} set without training again)") from None
-    final = {split: final[split] for split in ("val", "test") if split in final}
     bad_images = set().union(*gather_object([sorted(bad_seen)]))  # unreadable files seen by any process
     results = {f"{split}_{k}": v for split, m in final.items() for k, v in m.items() if k not in ("roc", "scored")}
     results |= {"best_step": state.best_step, "best_metric": cfg.best_metric, "epochs_run": state.epoch,

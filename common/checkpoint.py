@@ -153,11 +153,13 @@ def resolve_resume(output_dir: str | Path, resume_from: str | None) -> Path | No
     if not resume_from:
         return None
     root = Path(output_dir) / "checkpoints"
-    # Newest first; a folder whose meta.json is garbled is ordered by its name.
-    candidates = sorted(
-        (folder for folder in (root.iterdir() if root.is_dir() else [])
-         if folder.is_dir() and not folder.name.startswith(".") and (folder / META).exists()),
-        key=lambda f: ((_read_meta(f) or {}).get("step", -1), f.name), reverse=True)
+    def step_of(folder: Path) -> int:  # from meta.json; for a garbled one, from the folder's name
+        meta, digits = _read_meta(folder), folder.name.removeprefix("step_")
+        return meta["step"] if meta else int(digits) if digits.isdigit() else -1
+
+    candidates = sorted((folder for folder in (root.iterdir() if root.is_dir() else [])
+                         if folder.is_dir() and not folder.name.startswith(".") and (folder / META).exists()),
+                        key=lambda f: (step_of(f), f.name), reverse=True)  # newest first
     if resume_from == "latest":
         for folder in candidates:
             if (problem := checkpoint_problem(folder)) is None:

@@ -26,10 +26,18 @@ from common.errors import UserError
 
 @dataclasses.dataclass(frozen=True)
 class Domain:
-    """The values a setting may take: `describe` reads "must be <describe>" in errors and --help."""
+    """The values a setting may take: `describe` reads "must be <describe>" in errors and --help.
+
+    Numeric domains also keep their bounds (`low`, `high`; an open end excluded), so that tests can
+    draw values inside and outside them.
+    """
 
     describe: str
     accepts: Callable[[object], bool]
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
 
 
 def _number(value) -> bool:
@@ -40,22 +48,25 @@ def _show(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
-def at_least(low: float) -> Domain:
-    return Domain(f">= {_show(low)}", lambda v: _number(v) and v >= low)
-
-
-def above(low: float) -> Domain:
-    return Domain(f"> {_show(low)}", lambda v: _number(v) and v > low)
-
-
-def between(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Domain:
-    """A closed interval by default; `low_open`/`high_open` leave an end out."""
-    left, right = "(" if low_open else "[", ")" if high_open else "]"
+def between(low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = False) -> Domain:
+    """Finite numbers from `low` to `high`, both included unless `low_open`/`high_open`."""
 
     def accepts(v):
         return _number(v) and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
 
-    return Domain(f"in {left}{_show(low)}, {_show(high)}{right}", accepts)
+    if high == math.inf:
+        describe = f"{'>' if low_open else '>='} {_show(low)}"
+    else:
+        describe = f"in {'(' if low_open else '['}{_show(low)}, {_show(high)}{')' if high_open else ']'}"
+    return Domain(describe, accepts, low, high, low_open, high_open)
+
+
+def at_least(low: float) -> Domain:
+    return between(low)
+
+
+def above(low: float) -> Domain:
+    return between(low, low_open=True)
 
 
 NON_EMPTY = Domain("a non-empty string", lambda v: isinstance(v, str) and v.strip() != "")
@@ -123,7 +134,7 @@ def _convert(key: str, value, scalar: type, is_list: bool, optional: bool, choic
     if is_list:
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)):
-            raise UserError(f"config key '{key}' expects a list of {scalar.__name__}, got {value!r}")
+            raise UserError(f"config key '{key}' expects a list of {scalar.__name__}, got {value!r}; write it as a,b,c or a YAML list")
         return [_convert(key, item, scalar, False, False, choices) for item in items if item != ""]
     try:
         if scalar is bool:
@@ -160,7 +171,7 @@ def _convert(key: str, value, scalar: type, is_list: bool, optional: bool, choic
 
 def _unknown_key_error(key: str, known: list[str], where: str) -> UserError:
     close = difflib.get_close_matches(key, known, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else f"; valid keys: {', '.join(known)}"
+    hint = f" (did you mean '{close[0]}'?); see --help for the keys" if close else f"; the valid keys are {', '.join(known)}"
     return UserError(f"unknown config key '{key}' in {where}{hint}")
 
 
@@ -168,7 +179,8 @@ def parse_config(cls, argv: list[str] | None = None, description: str | None = N
     """Build an instance of the dataclass `cls` from defaults, `--config` YAML and the command line."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False
+        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,
+        exit_on_error=False,  # its errors become our one `error:` line, not a usage block
     )
     parser.add_argument("--config", type=str, default=None, help="YAML file of overrides (the command line wins)")
     for name, f in fields.items():
@@ -182,7 +194,10 @@ def parse_config(cls, argv: list[str] | None = None, description: str | None = N
             metavar=kind.upper() if not f.metadata.get("choices") else "{" + ",".join(map(str, f.metadata["choices"])) + "}",
             help=f"{f.metadata.get('help', '')} (default: {default!r}{domain})".replace("%", "%%"),
         )
-    args, unknown = parser.parse_known_args(argv)
+    try:
+        args, unknown = parser.parse_known_args(argv)
+    except argparse.ArgumentError as err:
+        raise UserError(f"{err}; give each option a value (one that starts with '-' as --name=-value), see --help") from None
     if unknown:
         flag = next((u for u in unknown if u.startswith("--")), unknown[0])
         name = flag.lstrip("-").split("=")[0]
@@ -207,7 +222,7 @@ def parse_config(cls, argv: list[str] | None = None, description: str | None = N
             where = f" at line {mark.line + 1}" if mark else ""
             raise UserError(f"config file {path} is not valid YAML{where}; fix its syntax") from None
         if not isinstance(loaded, dict):
-            raise UserError(f"config file {path} must be a mapping of key: value, got {type(loaded).__name__}")
+            raise UserError(f"config file {path} must be a mapping of key: value, got {type(loaded).__name__}; write one key: value per line")
         for key, value in loaded.items():
             if key not in fields:
                 raise _unknown_key_error(str(key), list(fields), str(path))

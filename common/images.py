@@ -3,7 +3,8 @@
 Screenshots come as PNG, JPEG, WebP, ... in RGBA, CMYK, palette or 16-bit modes, and now and then
 as a file that is empty, cut short, not an image at all, or one whose header claims billions of
 pixels (a decompression bomb: decoding it would exhaust memory). `image_problem` finds what the
-header shows, before anything is trained or written; `load_rgb` decodes, in DataLoader workers.
+header (and, for PNG, the chunk checksums) show, before anything is trained or written; `load_rgb`
+decodes, in DataLoader workers, and reports what only decoding finds (a JPEG cut short).
 """
 
 import warnings
@@ -31,7 +32,8 @@ def open_checked(path: Path) -> Image.Image:
 def image_problem(path: Path) -> str | None:
     """Why `path` cannot be read as an image, as far as its header shows; None if it looks fine."""
     try:
-        open_checked(path).close()
+        with open_checked(path) as img:
+            img.verify()  # PIL's check without decoding: a PNG cut short or with a bad checksum fails here
     except IMAGE_ERRORS as err:
         return f"{type(err).__name__}: {err}"
     return None

@@ -20,6 +20,9 @@ def check_pretrained(model_id: str, model_types: tuple[str, ...]):
     from transformers import AutoConfig
 
     path = Path(model_id)
+    looks_like_a_path = model_id.startswith(("/", ".", "~")) or model_id.count("/") > 1 or "\\" in model_id
+    if looks_like_a_path and not path.exists():  # a hub id is "name" or "org/name"
+        raise UserError(f"--model {model_id} does not exist; pass a checkpoint folder or a hub id (org/name)")
     if path.exists():
         if not (path / "config.json").is_file():
             raise UserError(f"--model {path} is not a model folder (it has no config.json); pass a checkpoint folder "
