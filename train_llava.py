@@ -43,7 +43,13 @@ from accelerate.utils import gather_object, set_seed
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
-from common.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from common.checkpoint import (
+    checkpoint_trainable_only,
+    gathered_trainable_state,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
 from common.config import IDENTIFIER, NON_EMPTY, TRACKER, above, at_least, between, check_domains, parse_config, setting
 from common.distributed import refuse_silent_fallbacks
 from common.ema import EMA
@@ -52,7 +58,15 @@ from common.guard import NonFiniteGuard
 from common.images import IMAGE_ERRORS, image_problem, load_rgb
 from common.preemption import EXIT_PREEMPTED, Preemption
 from common.pretrained import check_lora_targets, check_pretrained, load_pretrained, load_processor
-from common.run_log import MetricsLog, check_output_dir, peak_memory_mb, replace_folder, start_run, write_json
+from common.run_log import (
+    MetricsLog,
+    check_output_dir,
+    check_output_file,
+    peak_memory_mb,
+    replace_folder,
+    start_run,
+    write_json,
+)
 from common.schedules import set_lr, warmup_cosine
 
 LM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -355,38 +369,6 @@ def trainable_state(model) -> dict:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def gathered_adapter_state(accelerator, model) -> dict:
-    """The LoRA weights as full CPU tensors, for save_pretrained. Under FSDP2 each is a DTensor shard and
-    `full_tensor()` is a collective: every process must call this; only the main process writes. Gathering
-    just the adapters (not `accelerator.get_state_dict`, which would gather the frozen base too) keeps a
-    7B model's gather to a few MB."""
-    return {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
-            for name, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
-
-
-def checkpoint_trainable_only(accelerator) -> None:
-    """Checkpoints hold the LoRA weights only: save_state would otherwise write the frozen base too."""
-    from safetensors.torch import load_file
-
-    def save_hook(models, weights, output_dir):
-        for i, model in enumerate(models):
-            keep = {n for n, p in model.named_parameters() if p.requires_grad}
-            weights[i] = {k: v for k, v in weights[i].items() if k in keep}
-
-    def load_hook(models, input_dir):
-        for i, model in enumerate(list(models)):
-            saved = load_file(Path(input_dir) / ("model.safetensors" if i == 0 else f"model_{i}.safetensors"))
-            missing = {n for n, p in model.named_parameters() if p.requires_grad} - set(saved)
-            if missing:
-                raise UserError(f"checkpoint {input_dir} lacks {len(missing)} LoRA weights (e.g. {min(missing)}); "
-                                f"resume with the same LoRA settings")
-            model.load_state_dict(saved, strict=False)
-        models.clear()  # loaded here: accelerate must not load them again strictly
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-
 # ----------------------------------------------------------------------------------------------
 # Loss: cross-entropy over [No, Yes], optional class weights, placeholders of bad images ignored
 # ----------------------------------------------------------------------------------------------
@@ -671,21 +653,6 @@ def load_trained(model_id: str, adapter_dir: Path, dtype: torch.dtype):
     return model, processor, detector
 
 
-def check_prediction_output(cfg: Config) -> Path:
-    """Read-only: the predictions file may be written without replacing anything the user did not ask to replace."""
-    output = Path(cfg.predict_output or Path(cfg.output_dir) / "predictions.jsonl")
-    if output.is_dir():
-        raise UserError(f"--predict_output {output} is a folder; name the .jsonl file to write")
-    if output.exists() and output.resolve() == Path(cfg.predict_data).resolve():
-        raise UserError(f"--predict_output {output} is the --predict_data manifest; name another file")
-    if output.exists() and not cfg.overwrite:
-        raise UserError(f"{output} exists; pass --overwrite true to replace it, or another --predict_output")
-    existing = next(p for p in [output.parent, *output.absolute().parent.parents] if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write {output} ({existing} is not a writable folder); pick another --predict_output")
-    return output
-
-
 def predict(cfg: Config) -> dict:
     """Write {"path", "p_yes", "subset", "label"?} per image, from base + saved adapter."""
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
@@ -693,7 +660,8 @@ def predict(cfg: Config) -> dict:
     adapter_dir = Path(cfg.output_dir) / "adapter"
     detector = read_detector(adapter_dir)
     cfg = dataclasses.replace(cfg, question=detector["question"], resize=detector["resize"])  # as trained
-    output = check_prediction_output(cfg)
+    output = check_output_file(cfg.predict_output or Path(cfg.output_dir) / "predictions.jsonl", cfg.overwrite,
+                               inputs=[cfg.predict_data], flag="--predict_output")
     samples, skipped = load_samples(cfg.predict_data, cfg.skip_bad_images, need_labels=False)
     for entry in skipped:
         warn(f"skipping {entry}")
@@ -746,7 +714,7 @@ def check_validation_classes(samples: list[Sample], best_metric: str) -> None:
 def save_adapter(accelerator, model, processor, cfg: Config, answer_ids: list[int], output_dir: Path) -> Path:
     """The adapter (save_pretrained, for PeftModel.from_pretrained), the processor and detector.json beside it."""
     adapter_dir, tmp = output_dir / "adapter", output_dir / ".adapter.tmp"
-    state_dict = gathered_adapter_state(accelerator, model)  # a collective call under FSDP: every process
+    state_dict = gathered_trainable_state(accelerator, model)  # a collective call under FSDP: every process
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)

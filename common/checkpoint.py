@@ -33,6 +33,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from common.errors import UserError, first_line, warn
 from common.run_log import replace_folder
@@ -209,3 +210,36 @@ def load_checkpoint(accelerator, path: Path, state: dict, config=None) -> dict:
         raise UserError(f"checkpoint {path} does not fit this run ({type(err).__name__}: {first_line(err)}); resume "
                         f"with the settings it was written with, or start a new run in another --output_dir") from None
     return meta
+
+
+# Models with frozen parts (LoRA on a 7B base): checkpoint and save the trainable weights only.
+
+
+def gathered_trainable_state(accelerator, model) -> dict:
+    """The trainable (e.g. LoRA) weights as full CPU tensors, for saving. Under FSDP2 each is a DTensor shard and
+    `full_tensor()` is a collective: every process must call this; only the main process writes. Gathering
+    just the adapters (not `accelerator.get_state_dict`, which would gather the frozen base too) keeps a
+    7B model's gather to a few MB."""
+    return {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
+            for name, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+
+
+def checkpoint_trainable_only(accelerator) -> None:
+    """Checkpoints hold the trainable (e.g. LoRA) weights only: save_state would otherwise write the frozen base too."""
+    def save_hook(models, weights, output_dir):
+        for i, model in enumerate(models):
+            keep = {n for n, p in model.named_parameters() if p.requires_grad}
+            weights[i] = {k: v for k, v in weights[i].items() if k in keep}
+
+    def load_hook(models, input_dir):
+        for i, model in enumerate(list(models)):
+            saved = load_file(Path(input_dir) / ("model.safetensors" if i == 0 else f"model_{i}.safetensors"))
+            missing = {n for n, p in model.named_parameters() if p.requires_grad} - set(saved)
+            if missing:
+                raise UserError(f"checkpoint {input_dir} lacks {len(missing)} trainable weights (e.g. {min(missing)}); "
+                                f"resume with the settings it was written with")
+            model.load_state_dict(saved, strict=False)
+        models.clear()  # loaded here: accelerate must not load them again strictly
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)

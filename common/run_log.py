@@ -31,6 +31,21 @@ def check_output_dir(output_dir: str | Path, resuming: bool, overwrite: bool) ->
     return path
 
 
+def check_output_file(path: str | Path, overwrite: bool, inputs: list, flag: str) -> Path:
+    """May this file be written? Only reads: never a folder, never an input, an existing file only if asked."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder; name the file to write")
+    if path.exists() and any(Path(i).exists() and path.resolve() == Path(i).resolve() for i in inputs if i):
+        raise UserError(f"{flag} {path} is one of this run's inputs; name another file")
+    if path.exists() and not overwrite:
+        raise UserError(f"{path} exists; pass --overwrite true to replace it, or another {flag}")
+    existing = next(p for p in [path.parent, *path.absolute().parent.parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {path} ({existing} is not a writable folder); pick another {flag}")
+    return path
+
+
 def start_run(accelerator, output_dir: Path, config, run_outputs: list[str], fresh: bool) -> None:
     """The first write of a run, made once every check has passed, so that bad input changes nothing.
 

@@ -222,7 +222,7 @@ def finished_dual_run(small_cmapss, tmp_path_factory) -> Path:
     return out
 
 
-@settings(max_examples=150 * SCALE)
+@settings(max_examples=100 * SCALE)
 @given(data=st.data())
 def test_dual_task_refuses_every_out_of_domain_setting_and_leaves_the_run_alone(finished_dual_run, data):
     name = data.draw(st.sampled_from(fields_of(train_dual_task.Config)), label="setting")
@@ -236,7 +236,7 @@ DUAL_CAPS = {"conv_channels": 64, "hidden_size": 64, "gru_layers": 3, "epochs": 
              "kernel_size": 16}
 
 
-@settings(max_examples=40 * SCALE)
+@settings(max_examples=25 * SCALE)
 @given(data=st.data())
 def test_dual_task_runs_or_refuses_every_in_domain_setting(small_cmapss, tmp_path, data):
     name = data.draw(st.sampled_from(fields_of(train_dual_task.Config, skip=("output_dir", "resume_from"))),
@@ -276,7 +276,7 @@ def corrupt_text(data, text: str) -> bytes:
     return "".join(lines).encode()
 
 
-@settings(max_examples=40 * SCALE)
+@settings(max_examples=25 * SCALE)
 @given(data=st.data())
 def test_dual_task_refuses_corrupt_data_files_before_writing_anything(small_cmapss, tmp_path, data):
     folder = tmp_path / f"data{next(UNIQUE)}"
@@ -703,8 +703,8 @@ def test_predict_refuses_outputs_it_must_not_write_and_adapters_it_cannot_use(fi
     if case == "no detector.json":
         (run_dir / "adapter" / "detector.json").unlink()
     before, inputs_before = snapshot(run_dir), snapshot(images)
-    message = {"output is a folder": "is a folder; name the .jsonl file", "output exists": "exists; pass --overwrite true",
-               "output is the input": "is the --predict_data manifest", "no detector.json": "detector.json is missing"}[case]
+    message = {"output is a folder": "is a folder; name the file to write", "output exists": "exists; pass --overwrite true",
+               "output is the input": "is one of this run.s inputs", "no detector.json": "detector.json is missing"}[case]
     assert_refused(run(train_llava, "--mode", "predict", "--model", model, "--output_dir", run_dir, "--predict_data",
                        images / "val.jsonl", "--predict_output", output, "--num_workers", 0),
                    untouched=run_dir, before=before, match=message)

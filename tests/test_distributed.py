@@ -303,7 +303,7 @@ from accelerate import Accelerator
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from train_llava import gathered_adapter_state
+from common.checkpoint import gathered_trainable_state
 
 accelerator = Accelerator(cpu=True)
 out = Path(sys.argv[1])
@@ -323,7 +323,7 @@ mesh = init_device_mesh("cpu", (accelerator.num_processes,))
 for layer in (model.base_model.model[0], model.base_model.model[2]):
     fully_shard(layer, mesh=mesh)
 fully_shard(model, mesh=mesh)
-state = gathered_adapter_state(accelerator, model)  # every rank
+state = gathered_trainable_state(accelerator, model)  # every rank
 if accelerator.is_main_process:
     model.save_pretrained(out / "adapter", state_dict=state)
 accelerator.wait_for_everyone()
