@@ -752,7 +752,6 @@ def main(argv=None):
     except ValueError as err:
         raise UserError(f"{err}; choose another --mixed_precision (bf16 works on CPU)") from None
     refuse_silent_fallbacks(accelerator)
-    set_seed(cfg.seed)
 
     # Check everything that bad input can fail before the first write: the output folder, the checkpoint to
     # resume, the data (every image's header), the model, tokenizer and LoRA targets (before the weights load,
@@ -777,6 +776,7 @@ def main(argv=None):
     prompt = build_prompt(processor, cfg.question)
     check_lora_targets(LlavaForConditionalGeneration, model_config, lora_config(cfg), lora_targets(cfg), cfg.model)
 
+    set_seed(cfg.seed)  # here, after the demo's generators: the LoRA initialisation and batch order depend on it alone
     base = load_base(cfg.model, processor, base_dtype(cfg))
     model = add_lora(cfg, base)
     accelerator.print(f"{cfg.model} ({base_dtype(cfg)}): {sum(p.numel() for p in model.parameters() if p.requires_grad):,}"

@@ -347,6 +347,17 @@ def test_tiny_model_learns_the_synthetic_task(trained_run):
         assert (output_dir / name).is_file(), name
 
 
+def test_the_demo_gives_the_same_run_whether_it_builds_its_inputs_or_reuses_them(tmp_path):
+    """The first demo run builds the tiny model and the screenshots; that must not change its random state."""
+    args = ["--config", ROOT / "configs/llava_tiny_cpu.yaml", "--model", tmp_path / "model", "--train_data",
+            tmp_path / "data/train.jsonl", "--val_data", tmp_path / "data/val.jsonl", "--test_data",
+            tmp_path / "data/test.jsonl", "--num_workers", 0, "--max_steps", 3]
+    first = run_main(*args, "--output_dir", tmp_path / "first")
+    again = run_main(*args, "--output_dir", tmp_path / "again")
+    timing = {"wall_seconds", "peak_memory_mb", "train_samples_per_second"}
+    assert {k: v for k, v in first.items() if k not in timing} == {k: v for k, v in again.items() if k not in timing}
+
+
 def test_reloaded_adapter_reproduces_predictions_exactly(trained_run, tiny_model, screenshots, tmp_path):
     from peft import PeftModel
     from safetensors.torch import load_file

@@ -56,18 +56,10 @@ def build_tiny_llava(output_dir: str | Path, image_size: int = 64, patch_size: i
     output_dir = Path(output_dir)
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):  # never overwrite a real model
         raise FileExistsError(f"{output_dir} is not an empty folder; the tiny model is built only into a new or empty one")
-    torch.manual_seed(seed)
     tokenizer = build_tokenizer()
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=image_size, patch_size=patch_size, projection_dim=32)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
-    num_patches = (image_size // patch_size) ** 2
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-                         image_seq_length=num_patches, vision_feature_layer=-2, vision_feature_select_strategy="default")
-    model = LlavaForConditionalGeneration(config).eval()
+    with torch.random.fork_rng():  # random weights from `seed`, without touching the caller's random state
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(tiny_llava_config(tokenizer, image_size, patch_size)).eval()
     image_processor = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
     # num_additional_image_tokens=1: CLIP adds a CLS token, which the "default" strategy then drops.
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
@@ -76,6 +68,18 @@ def build_tiny_llava(output_dir: str | Path, image_size: int = 64, patch_size: i
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
     return output_dir
+
+
+def tiny_llava_config(tokenizer, image_size: int, patch_size: int) -> LlavaConfig:
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=image_size, patch_size=patch_size, projection_dim=32)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+    num_patches = (image_size // patch_size) ** 2
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                       image_seq_length=num_patches, vision_feature_layer=-2, vision_feature_select_strategy="default")
 
 
 if __name__ == "__main__":
