@@ -17,7 +17,8 @@ How it works, and why this way:
 
 Turning mixed precision off mid-run needs more than `AutocastKwargs(enabled=False)`: Accelerate's
 `prepare()` wrapped `model.forward` in its own autocast, which would win. `disable_mixed_precision`
-removes that wrapper, turns off `accelerator.autocast()` and the GradScaler, and upcasts any
+removes that wrapper, turns off `accelerator.autocast()` and the GradScaler, resets FSDP2's
+mixed-precision policy (which casts the parameters for every forward), and upcasts any
 half-precision weights and optimizer state.
 """
 
@@ -45,14 +46,53 @@ def disable_mixed_precision(accelerator, model) -> None:
     for opt in accelerator._optimizers:
         opt.scaler = None  # AcceleratedOptimizer.step() stops going through the scaler
     with torch.no_grad():
-        for tensor in list(unwrapped.parameters()) + list(unwrapped.buffers()):
-            if tensor.dtype in (torch.float16, torch.bfloat16):
-                tensor.data = tensor.data.float()
+        if _is_fsdp2(unwrapped):
+            # FSDP2 keeps its own reference to each shard's storage; its Module._apply override (behind .to())
+            # re-registers the converted shards, where swapping .data below would leave it gathering the old ones.
+            unwrapped.to(torch.float32)
+        else:  # .data in place: the tensors stay the same objects, which DDP's buffer list and the optimizer hold
+            for tensor in list(unwrapped.parameters()) + list(unwrapped.buffers()):
+                if tensor.dtype in (torch.float16, torch.bfloat16):
+                    tensor.data = tensor.data.float()
         for opt in accelerator._optimizers:
             for state in _inner_optimizer(opt).state.values():
                 for key, value in state.items():
                     if torch.is_tensor(value) and value.dtype in (torch.float16, torch.bfloat16):
                         state[key] = value.float()
+    _fsdp2_compute_in_fp32(unwrapped)  # after the upcast: FSDP2 derives its dtypes from the shards'
+
+
+def _is_fsdp2(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(module, FSDPModule) for module in model.modules())
+
+
+def _fsdp2_compute_in_fp32(model) -> None:
+    """FSDP2 casts parameters to its mixed-precision policy's dtype before every forward (besides autocast).
+
+    torch has no public setter for that policy after `fully_shard`, so this resets it where FSDP2 keeps
+    it (each module's state and parameter group) and re-derives the parameters' compute dtypes; it
+    fails loudly if a torch version stores it elsewhere. A test checks that the forward then runs in fp32.
+    """
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
+
+    for module in model.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        state = module._get_fsdp_state()
+        if not hasattr(state, "_mp_policy") or not hasattr(state, "_fsdp_param_group"):
+            raise RuntimeError("this torch keeps FSDP2's mixed-precision policy elsewhere; common/guard.py cannot "
+                               "switch it to fp32 (update _fsdp2_compute_in_fp32)")
+        module.reshard()  # the unsharded copies (in the old dtype) are dropped; the shards keep theirs
+        state._mp_policy = MixedPrecisionPolicy()
+        group = state._fsdp_param_group
+        if group is not None:
+            group.mp_policy = MixedPrecisionPolicy()
+            group._init_mp_dtypes()
+            for fsdp_param in group.fsdp_params:  # all-gather buffers are cached in the old dtype: rebuild them
+                fsdp_param.all_gather_outputs = []
+                fsdp_param.__dict__.pop("_unsharded_param", None)
 
 
 class NonFiniteGuard:
