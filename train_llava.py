@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import gather_object, set_seed
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
@@ -51,7 +51,7 @@ from common.checkpoint import (
     save_checkpoint,
 )
 from common.config import IDENTIFIER, NON_EMPTY, TRACKER, above, at_least, between, check_domains, parse_config, setting
-from common.distributed import refuse_silent_fallbacks
+from common.distributed import fit_fsdp_wrapping, refuse_silent_fallbacks, use_fsdp_on_cpu
 from common.ema import EMA
 from common.errors import NonFiniteTrainingError, UserError, exit_on_user_error, first_line, warn
 from common.guard import NonFiniteGuard
@@ -307,13 +307,27 @@ def load_base(model_id: str, processor, dtype: torch.dtype):
     return base
 
 
-def lora_config(cfg: Config):
+def lora_config(cfg: Config, model_config):
+    """A regex, so that the language model's q_proj is adapted but not the vision tower's namesake; in the vision
+    tower, only the layers whose output reaches the language model (`used_vision_layers`)."""
     from peft import LoraConfig
 
-    # A regex, so that the language model's q_proj is adapted but not the vision tower's namesake.
-    parts = [rf".*\.{part}\..*\.({'|'.join(names)})" for part, names in lora_targets(cfg).values() if names]
+    parts = [rf".*\.language_model\..*\.({'|'.join(cfg.lora_target_modules)})"] if cfg.lora_target_modules else []
+    if cfg.lora_vision_modules:
+        parts.append(rf".*\.vision_tower\..*\.layers\.({'|'.join(map(str, used_vision_layers(model_config)))})\..*"
+                     rf"\.({'|'.join(cfg.lora_vision_modules)})")
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules="|".join(parts))
+
+
+def used_vision_layers(model_config) -> range:
+    """The vision layers whose output the language model sees. LLaVA takes its image features from the hidden
+    state `vision_feature_layer` (-2: the second-to-last layer's output); the layers after it run, but a LoRA
+    weight there would never get a gradient: dead weight that DDP must be told about and that FSDP2 cannot
+    checkpoint (no optimizer state ever exists for it)."""
+    num_layers, feature = model_config.vision_config.num_hidden_layers, model_config.vision_feature_layer
+    hidden_states = [f if f >= 0 else num_layers + 1 + f for f in (feature if isinstance(feature, list) else [feature])]
+    return range(max(hidden_states))  # hidden state k is the output of layer k - 1
 
 
 def lora_targets(cfg: Config) -> dict[str, tuple[str, list[str]]]:
@@ -329,7 +343,7 @@ def add_lora(cfg: Config, base):
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
     # Adapters in fp32 under a bf16/fp16 base: precise updates, and no GradScaler error on fp16 gradients.
-    return get_peft_model(base, lora_config(cfg), autocast_adapter_dtype=True)
+    return get_peft_model(base, lora_config(cfg, base.config), autocast_adapter_dtype=True)
 
 
 def build_prompt(processor, question: str) -> str:
@@ -656,6 +670,7 @@ def load_trained(model_id: str, adapter_dir: Path, dtype: torch.dtype):
 def predict(cfg: Config) -> dict:
     """Write {"path", "p_yes", "subset", "label"?} per image, from base + saved adapter."""
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
+    use_fsdp_on_cpu(accelerator)  # fsdp.yaml on CPU processes: Accelerate's real FSDP2 path, not DDP
     refuse_silent_fallbacks(accelerator)
     adapter_dir = Path(cfg.output_dir) / "adapter"
     detector = read_detector(adapter_dir)
@@ -727,6 +742,15 @@ def save_adapter(accelerator, model, processor, cfg: Config, answer_ids: list[in
     return adapter_dir
 
 
+def weight_dtypes(model) -> dict:
+    """The dtypes the LoRA weights and the frozen base are held in (e.g. float32 over bfloat16)."""
+    def names(trainable):
+        return ",".join(sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()
+                                if p.requires_grad == trainable}))
+
+    return {"lora_dtype": names(True), "base_dtype": names(False)}
+
+
 RUN_OUTPUTS = ["config.yaml", "results.json", "metrics.jsonl", "val_predictions.jsonl", "roc_curve.png", "adapter",
                "merged", "checkpoints", "llava_injection"]  # what a run writes ("llava_injection": tensorboard)
 
@@ -746,11 +770,10 @@ def main(argv=None):
             log_with=None if cfg.report_to == "none" else cfg.report_to,
             project_dir=cfg.output_dir,
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-            # LoRA in vision layers after the selected feature layer gets no gradient: DDP must allow that.
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=bool(cfg.lora_vision_modules))],
         )
     except ValueError as err:
         raise UserError(f"{err}; choose another --mixed_precision (bf16 works on CPU)") from None
+    use_fsdp_on_cpu(accelerator)  # fsdp.yaml on CPU processes: Accelerate's real FSDP2 path, not DDP
     refuse_silent_fallbacks(accelerator)
 
     # Check everything that bad input can fail before the first write: the output folder, the checkpoint to
@@ -774,7 +797,8 @@ def main(argv=None):
     processor = load_processor(cfg.model)
     answer_ids = answer_token_ids(processor.tokenizer, cfg.no_token, cfg.yes_token)
     prompt = build_prompt(processor, cfg.question)
-    check_lora_targets(LlavaForConditionalGeneration, model_config, lora_config(cfg), lora_targets(cfg), cfg.model)
+    check_lora_targets(LlavaForConditionalGeneration, model_config, lora_config(cfg, model_config), lora_targets(cfg),
+                       cfg.model)
 
     set_seed(cfg.seed)  # here, after the demo's generators: the LoRA initialisation and batch order depend on it alone
     base = load_base(cfg.model, processor, base_dtype(cfg))
@@ -787,7 +811,8 @@ def main(argv=None):
             loaders[split] = make_loader(data[split], processor, prompt, cfg, cfg.eval_batch_size, shuffle=False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay, fused=True)
-    checkpoint_trainable_only(accelerator)
+    checkpoint_trainable_only(model)  # checkpoints: the LoRA weights, not the frozen base
+    fit_fsdp_wrapping(accelerator, model)  # FSDP2: one unit per transformer block the model has
     model, optimizer, *prepared = accelerator.prepare(model, optimizer, *loaders.values())
     loaders = dict(zip(loaders, prepared))
     class_weights = torch.tensor(cfg.class_weights, device=accelerator.device) if cfg.class_weights else None
@@ -842,7 +867,7 @@ def main(argv=None):
                                              if state.train_seconds else None),
                 "num_processes": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type.value),
                 "mixed_precision": accelerator.mixed_precision, "fell_back_to_fp32_at_step": guard.fallback_step,
-                "seed": cfg.seed}
+                "seed": cfg.seed} | weight_dtypes(model)
     if accelerator.is_main_process:
         write_predictions(output_dir / "val_predictions.jsonl", data["val"], final["val"]["scored"])
         write_json(output_dir / "results.json", results)

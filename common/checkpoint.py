@@ -33,7 +33,6 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from common.errors import UserError, first_line, warn
 from common.run_log import replace_folder
@@ -224,22 +223,26 @@ def gathered_trainable_state(accelerator, model) -> dict:
             for name, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
 
 
-def checkpoint_trainable_only(accelerator) -> None:
-    """Checkpoints hold the trainable (e.g. LoRA) weights only: save_state would otherwise write the frozen base too."""
-    def save_hook(models, weights, output_dir):
-        for i, model in enumerate(models):
-            keep = {n for n, p in model.named_parameters() if p.requires_grad}
-            weights[i] = {k: v for k, v in weights[i].items() if k in keep}
+def checkpoint_trainable_only(model) -> None:
+    """Checkpoints of `model` hold its trainable weights only (LoRA: megabytes, not the frozen 7B base).
 
-    def load_hook(models, input_dir):
-        for i, model in enumerate(list(models)):
-            saved = load_file(Path(input_dir) / ("model.safetensors" if i == 0 else f"model_{i}.safetensors"))
-            missing = {n for n, p in model.named_parameters() if p.requires_grad} - set(saved)
-            if missing:
-                raise UserError(f"checkpoint {input_dir} lacks {len(missing)} trainable weights (e.g. {min(missing)}); "
-                                f"resume with the settings it was written with")
-            model.load_state_dict(saved, strict=False)
-        models.clear()  # loaded here: accelerate must not load them again strictly
+    Done with the model's own state-dict hooks (public torch API), so that every way Accelerate saves
+    and loads it sees the same trainable-only state dict: DDP's or one process's model.safetensors,
+    and FSDP2's sharded torch.distributed.checkpoint folder. On loading, the frozen weights (already
+    in the model, from the base checkpoint) do not count as missing; a missing trainable one still
+    fails. Call before `accelerator.prepare`.
+    """
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
 
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
+    def drop_frozen(module, state_dict, prefix, local_metadata):
+        for name in frozen:
+            state_dict.pop(prefix + name, None)
+
+    def is_frozen(key: str) -> bool:  # the key may carry a wrapper's prefix ("module." under DDP)
+        return key in frozen or any(key[i + 1:] in frozen for i, char in enumerate(key) if char == ".")
+
+    def frozen_weights_are_not_missing(module, incompatible_keys):
+        incompatible_keys.missing_keys[:] = [key for key in incompatible_keys.missing_keys if not is_frozen(key)]
+
+    model.register_state_dict_post_hook(drop_frozen)
+    model.register_load_state_dict_post_hook(frozen_weights_are_not_missing)
