@@ -12,7 +12,6 @@ command line, on small data (10 C-MAPSS training engines; 32 screenshots and a t
 
 import contextlib
 import dataclasses
-import gzip
 import io
 import itertools
 import json
@@ -195,19 +194,6 @@ def test_every_setting_has_a_domain_and_its_default_is_inside(cls):
 TINY_NET = ["--conv_channels", 8, "--hidden_size", 8, "--gru_layers", 1, "--batch_size", 64, "--log_every", 1]
 
 
-@pytest.fixture(scope="module")
-def small_cmapss(tmp_path_factory) -> Path:
-    """FD001 cut to training engines 1-10 and test engines 1-5, in the original text format."""
-    folder = tmp_path_factory.mktemp("cmapss")
-    read = {name: np.loadtxt(gzip.open(REPO / f"data/cmapss/{name}_FD001.txt.gz"), ndmin=2)
-            for name in ("train", "test", "RUL")}
-    layout = ["%d", "%d"] + ["%.4f"] * 24
-    np.savetxt(folder / "train_FD001.txt", read["train"][read["train"][:, 0] <= 10], fmt=layout)
-    np.savetxt(folder / "test_FD001.txt", read["test"][read["test"][:, 0] <= 5], fmt=layout)
-    np.savetxt(folder / "RUL_FD001.txt", read["RUL"][:5], fmt="%d")
-    return folder
-
-
 def dual_args(data: Path, output_dir: Path, *extra):
     return ["--data_dir", data, *TINY_NET, "--output_dir", output_dir, *extra]
 
@@ -236,7 +222,7 @@ DUAL_CAPS = {"conv_channels": 64, "hidden_size": 64, "gru_layers": 3, "epochs": 
              "kernel_size": 16}
 
 
-@settings(max_examples=25 * SCALE)
+@settings(max_examples=15 * SCALE)
 @given(data=st.data())
 def test_dual_task_runs_or_refuses_every_in_domain_setting(small_cmapss, tmp_path, data):
     name = data.draw(st.sampled_from(fields_of(train_dual_task.Config, skip=("output_dir", "resume_from"))),
