@@ -37,7 +37,12 @@ from tqdm.auto import tqdm
 
 from common.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from common.config import NON_EMPTY, TRACKER, above, at_least, between, check_domains, parse_config, setting
-from common.distributed import fit_fsdp_wrapping, refuse_silent_fallbacks, use_fsdp_on_cpu
+from common.distributed import (
+    check_one_view_of_output_dir,
+    fit_fsdp_wrapping,
+    refuse_silent_fallbacks,
+    use_fsdp_on_cpu,
+)
 from common.ema import EMA
 from common.errors import NonFiniteTrainingError, UserError, exit_on_user_error, warn
 from common.guard import NonFiniteGuard
@@ -699,6 +704,7 @@ def main(argv=None):
     # to resume, the data, the model. Until start_run() nothing on disk changes.
     output_dir = check_output_dir(cfg.output_dir, resuming=cfg.resume_from is not None, overwrite=cfg.overwrite)
     resume_path = resolve_resume(output_dir, cfg.resume_from)
+    check_one_view_of_output_dir(accelerator, output_dir, resume_path)  # several machines: one filesystem
     splits = load_cmapss(cfg)
     accelerator.print(f"{cfg.subset}: {len(splits['train'].rul)} training windows, {len(splits['val'].rul)} "
                       f"validation windows, {len(splits['test'].rul)} test engines, {len(cfg.sensors)} sensors")

@@ -51,7 +51,12 @@ from common.checkpoint import (
     save_checkpoint,
 )
 from common.config import IDENTIFIER, NON_EMPTY, TRACKER, above, at_least, between, check_domains, parse_config, setting
-from common.distributed import fit_fsdp_wrapping, refuse_silent_fallbacks, use_fsdp_on_cpu
+from common.distributed import (
+    check_one_view_of_output_dir,
+    fit_fsdp_wrapping,
+    refuse_silent_fallbacks,
+    use_fsdp_on_cpu,
+)
 from common.ema import EMA
 from common.errors import NonFiniteTrainingError, UserError, exit_on_user_error, first_line, warn
 from common.guard import NonFiniteGuard
@@ -781,6 +786,7 @@ def main(argv=None):
     # so that an error is the first thing printed). The demo's generators write only into new or empty folders.
     output_dir = check_output_dir(cfg.output_dir, resuming=cfg.resume_from is not None, overwrite=cfg.overwrite)
     resume_path = resolve_resume(output_dir, cfg.resume_from)
+    check_one_view_of_output_dir(accelerator, output_dir, resume_path)  # several machines: one filesystem
     prepare_demo_inputs(cfg, accelerator)
     data, skipped = {}, []
     for split, spec in (("train", cfg.train_data), ("val", cfg.val_data), ("test", cfg.test_data)):

@@ -1,9 +1,10 @@
 """The distributed setup: FSDP2 on CPU processes (for smoke tests), and checks Accelerate does not make loudly."""
 
 import os
+from pathlib import Path
 
 from accelerate.state import AcceleratorState, PartialState
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, gather_object
 
 from common.errors import UserError
 
@@ -75,3 +76,38 @@ def refuse_silent_fallbacks(accelerator) -> None:
             f"{accelerator.device.type} with {accelerator.num_processes} process(es); on CPUs, FSDP needs at least "
             f"2 processes (num_processes in the launch config)"
         )
+
+
+SHARED_FILESYSTEM_FIX = ("put --output_dir on a filesystem every node sees (NFS, Lustre, a cloud bucket mount), "
+                         "with the same path on every node")
+
+
+def check_one_view_of_output_dir(accelerator, output_dir: Path, resume_path: Path | None) -> None:
+    """Every process must see the same output folder: checkpoints are written by every rank and resumed by all.
+
+    On several machines without a shared filesystem each node would see its own folder: a resume would load
+    the checkpoint on one node and start from scratch on another (and hang). Compared before anything is
+    written, so every process refuses together. A folder that does not exist yet looks alike everywhere;
+    `confirm_output_dir_is_shared` checks it once the main process has created it.
+    """
+    def view() -> tuple:  # not the resolved path: one filesystem may be mounted at different paths
+        names = sorted(p.name for p in output_dir.iterdir()) if output_dir.is_dir() else None
+        return names, resume_path.name if resume_path else None
+
+    views = gather_object([view()])
+    if any(v != views[0] for v in views):
+        other = next(i for i, v in enumerate(views) if v != views[0])
+        raise UserError(f"process {other} sees another {output_dir} than process 0 (other files or another "
+                        f"checkpoint to resume); {SHARED_FILESYSTEM_FIX}")
+
+
+def confirm_output_dir_is_shared(accelerator, marker: Path, created: bool) -> None:
+    """After the main process wrote `marker` (and every process waited), every process must see it."""
+    seen = gather_object([marker.exists()])
+    if not all(seen):
+        if accelerator.is_main_process and created:  # the folder is the run's own, made a moment ago
+            import shutil
+
+            shutil.rmtree(marker.parent, ignore_errors=True)
+        raise UserError(f"process {seen.index(False)} does not see {marker} written by process 0; "
+                        f"{SHARED_FILESYSTEM_FIX}")

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from common.config import save_config
+from common.distributed import confirm_output_dir_is_shared
 from common.errors import UserError
 
 RUN_MARKER = "config.yaml"  # a folder holding this file holds a run
@@ -53,6 +54,7 @@ def start_run(accelerator, output_dir: Path, config, run_outputs: list[str], fre
     (`run_outputs`, names inside the folder; nothing else in it is touched) so that no stale results
     or checkpoints are mixed with the new ones. Then the resolved config is written.
     """
+    created = not output_dir.exists()
     if accelerator.is_main_process:
         if fresh and (output_dir / RUN_MARKER).exists():
             for name in run_outputs:
@@ -64,6 +66,7 @@ def start_run(accelerator, output_dir: Path, config, run_outputs: list[str], fre
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, output_dir / RUN_MARKER)
     accelerator.wait_for_everyone()
+    confirm_output_dir_is_shared(accelerator, output_dir / RUN_MARKER, created)  # several machines: one filesystem
 
 
 def replace_folder(tmp: Path, final: Path) -> None:

@@ -91,25 +91,34 @@ def test_two_processes_train_like_one_with_the_same_global_batch_under_ddp_and_f
     assert proc.returncode == 2 and "written by 2 processes; resume it with the same number of processes" in proc.stderr
 
 
-def kill_after_checkpoint(cmd: list, out: Path, min_step: int) -> None:
-    """Start a launch, wait for a checkpoint at or past `min_step`, then kill -9 every process of it."""
+def kill_after_checkpoint(out: Path, min_step: int, *commands: list) -> None:
+    """Start the launches (one per machine), wait for a checkpoint at or past `min_step`, then kill -9 all of them."""
     import signal
     import time
+
+    import psutil
 
     from common.checkpoint import find_latest_checkpoint
 
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True) for cmd in commands]
     deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
+    while time.time() < deadline and all(proc.poll() is None for proc in procs):
         latest = find_latest_checkpoint(out)
         if latest is not None and json.loads((latest / "meta.json").read_text())["step"] >= min_step:
             break
         time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
-    proc.wait()
+    assert all(proc.poll() is None for proc in procs), "the run ended before it could be killed"
+    # The ranks run in sessions of their own (torch's elastic agent starts them so): killing the launcher's process
+    # group would leave them training. Kill every process of the tree, ranks first, all at once.
+    ranks = [child for proc in procs for child in psutil.Process(proc.pid).children(recursive=True)]
+    for process in [*ranks, *map(psutil.Process, (proc.pid for proc in procs))]:
+        process.send_signal(signal.SIGKILL)
+    psutil.wait_procs(ranks, timeout=30)
+    for proc in procs:
+        proc.wait()
+    assert not any(rank.is_running() and rank.status() != psutil.STATUS_ZOMBIE for rank in ranks)
 
 
 def test_dual_task_under_fsdp2_is_killed_and_resumes_bit_identically(tmp_path, small_cmapss):
@@ -118,8 +127,8 @@ def test_dual_task_under_fsdp2_is_killed_and_resumes_bit_identically(tmp_path, s
             "--checkpoint_every", 5, "--log_every", 1]
     fsdp = [*launch(), "--config_file", "accelerate_configs/fsdp.yaml", *map(str, args)]
     run([*fsdp, "--output_dir", str(tmp_path / "straight")])
-    kill_after_checkpoint([*launch(), *fsdp[len(launch()):], "--output_dir", str(tmp_path / "killed")],
-                          tmp_path / "killed", min_step=15)  # in the second epoch (12 steps each)
+    kill_after_checkpoint(tmp_path / "killed", 15,  # in the second epoch (12 steps each)
+                          [*launch(), *fsdp[len(launch()):], "--output_dir", str(tmp_path / "killed")])
     assert not (tmp_path / "killed" / "results.json").exists()
     checkpoint = max((tmp_path / "killed" / "checkpoints").glob("step_*"))
     assert {"pytorch_model_fsdp_0", "optimizer_0"} <= {p.name for p in checkpoint.iterdir()}  # sharded (DCP) state
@@ -128,6 +137,49 @@ def test_dual_task_under_fsdp2_is_killed_and_resumes_bit_identically(tmp_path, s
     assert (resumed["distributed_type"], resumed["mixed_precision"]) == ("FSDP", "bf16")
     assert resumed["test_rmse"] == straight["test_rmse"] and resumed["optimizer_steps"] == straight["optimizer_steps"]
     assert (tmp_path / "killed" / "model.safetensors").read_bytes() == (tmp_path / "straight" / "model.safetensors").read_bytes()
+
+
+def test_two_machines_over_loopback_train_like_ddp_on_one_and_resume_after_a_kill_of_both(tmp_path, small_cmapss):
+    """multi_node.yaml as a user runs it on each of 2 nodes (one process each, here both on 127.0.0.1): one model,
+    the same as 2 processes on one machine; kill -9 of both nodes, `--resume_from latest` on both: bit-identical."""
+    args = ["train_dual_task.py", *SMALL, "--data_dir", small_cmapss, "--batch_size", 32, "--epochs", 2,
+            "--checkpoint_every", 5, "--log_every", 1, "--mixed_precision", "no"]
+    run([*launch(), "--config_file", "accelerate_configs/ddp.yaml", *map(str, args), "--output_dir", str(tmp_path / "ddp")])
+
+    def nodes(*extra, output_dirs=("nodes", "nodes")):  # each node's command; node 0 hosts the rendezvous
+        port = str(free_port())
+        return [[sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/multi_node.yaml",
+                 "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip",
+                 "127.0.0.1", "--main_process_port", port, *map(str, args), "--output_dir", str(tmp_path / output_dir),
+                 *extra] for rank, output_dir in zip((0, 1), output_dirs)]
+
+    def run_nodes(commands) -> list:
+        procs = [subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True) for cmd in commands]
+        return [(proc.wait(timeout=300), proc.stderr.read()) for proc in procs]
+
+    kill_after_checkpoint(tmp_path / "nodes", 25, *nodes())  # in the second epoch (23 steps each)
+    assert not (tmp_path / "nodes" / "results.json").exists()
+    logged = steps(tmp_path / "nodes")  # before the kill: the very steps of the one-machine run
+    assert len(logged) >= 25 and logged == steps(tmp_path / "ddp")[:len(logged)]
+    # Nodes that do not share a filesystem (here: each its own folder) are refused on both, before any write:
+    # resuming, node 1 would find no checkpoint and start afresh; starting afresh, it would not see the run's files.
+    before = sorted((p.relative_to(tmp_path), p.stat().st_mtime_ns) for p in (tmp_path / "nodes").rglob("*"))
+    for output_dirs, extra in ((("nodes", "elsewhere"), ["--resume_from", "latest"]), (("new0", "new1"), [])):
+        for code, stderr in run_nodes(nodes(*extra, output_dirs=output_dirs)):
+            # The error line from each node's process (the launcher then exits 1 with its own report, as for any
+            # failed worker).
+            assert code != 0 and "; put --output_dir on a filesystem every node sees" in stderr, stderr[-3000:]
+    assert sorted((p.relative_to(tmp_path), p.stat().st_mtime_ns) for p in (tmp_path / "nodes").rglob("*")) == before
+    assert not any((tmp_path / name).exists() for name in ("elsewhere", "new0", "new1"))
+    for code, stderr in run_nodes(nodes("--resume_from", "latest")):
+        assert code == 0, stderr[-3000:]
+    ddp, nodes_result = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("ddp", "nodes"))
+    assert (nodes_result["num_processes"], nodes_result["distributed_type"]) == (2, "MULTI_CPU")
+    assert nodes_result["optimizer_steps"] == ddp["optimizer_steps"] == 46
+    assert nodes_result["test_rmse"] == ddp["test_rmse"] and nodes_result["best_val_rmse"] == ddp["best_val_rmse"]
+    assert steps(tmp_path / "nodes") == steps(tmp_path / "ddp")  # every step logged once, by one process, as on one
+    assert (tmp_path / "nodes" / "model.safetensors").read_bytes() == (tmp_path / "ddp" / "model.safetensors").read_bytes()
 
 
 def test_evaluation_counts_every_sample_once_with_an_uneven_split(tmp_path):
@@ -286,7 +338,7 @@ def test_llava_two_processes_train_like_one_with_the_same_global_batch_under_ddp
     assert during.keys() == after.keys() and all(after[k] == pytest.approx(during[k], abs=1e-5) for k in during)
     # kill -9 after a sharded checkpoint, resume: the same adapter, bit for bit. The checkpoints hold the LoRA
     # weights only (and their optimizer state), not the frozen base.
-    kill_after_checkpoint(fsdp_launch("killed"), tmp_path / "killed", min_step=1)
+    kill_after_checkpoint(tmp_path / "killed", 1, fsdp_launch("killed"))
     import torch.distributed.checkpoint as dcp
 
     checkpoint = max((tmp_path / "killed" / "checkpoints").glob("step_*"))
