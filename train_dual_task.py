@@ -704,7 +704,7 @@ def main(argv=None):
     # to resume, the data, the model. Until start_run() nothing on disk changes.
     output_dir = check_output_dir(cfg.output_dir, resuming=cfg.resume_from is not None, overwrite=cfg.overwrite)
     resume_path = resolve_resume(output_dir, cfg.resume_from)
-    check_one_view_of_output_dir(accelerator, output_dir, resume_path)  # several machines: one filesystem
+    check_one_view_of_output_dir(output_dir, resume_path)  # several machines: one filesystem
     splits = load_cmapss(cfg)
     accelerator.print(f"{cfg.subset}: {len(splits['train'].rul)} training windows, {len(splits['val'].rul)} "
                       f"validation windows, {len(splits['test'].rul)} test engines, {len(cfg.sensors)} sensors")

@@ -317,10 +317,9 @@ def lora_config(cfg: Config, model_config):
     tower, only the layers whose output reaches the language model (`used_vision_layers`)."""
     from peft import LoraConfig
 
-    parts = [rf".*\.language_model\..*\.({'|'.join(cfg.lora_target_modules)})"] if cfg.lora_target_modules else []
-    if cfg.lora_vision_modules:
-        parts.append(rf".*\.vision_tower\..*\.layers\.({'|'.join(map(str, used_vision_layers(model_config)))})\..*"
-                     rf"\.({'|'.join(cfg.lora_vision_modules)})")
+    within = {"vision_tower": rf"layers\.({'|'.join(map(str, used_vision_layers(model_config)))})\..*\."}
+    parts = [rf".*\.{part}\..*\.{within.get(part, '')}({'|'.join(names)})"
+             for part, names in lora_targets(cfg).values() if names]
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules="|".join(parts))
 
@@ -786,7 +785,7 @@ def main(argv=None):
     # so that an error is the first thing printed). The demo's generators write only into new or empty folders.
     output_dir = check_output_dir(cfg.output_dir, resuming=cfg.resume_from is not None, overwrite=cfg.overwrite)
     resume_path = resolve_resume(output_dir, cfg.resume_from)
-    check_one_view_of_output_dir(accelerator, output_dir, resume_path)  # several machines: one filesystem
+    check_one_view_of_output_dir(output_dir, resume_path)  # several machines: one filesystem
     prepare_demo_inputs(cfg, accelerator)
     data, skipped = {}, []
     for split, spec in (("train", cfg.train_data), ("val", cfg.val_data), ("test", cfg.test_data)):

@@ -82,7 +82,7 @@ SHARED_FILESYSTEM_FIX = ("put --output_dir on a filesystem every node sees (NFS,
                          "with the same path on every node")
 
 
-def check_one_view_of_output_dir(accelerator, output_dir: Path, resume_path: Path | None) -> None:
+def check_one_view_of_output_dir(output_dir: Path, resume_path: Path | None) -> None:
     """Every process must see the same output folder: checkpoints are written by every rank and resumed by all.
 
     On several machines without a shared filesystem each node would see its own folder: a resume would load
