@@ -1,6 +1,6 @@
 """One command that checks, on a GPU, what this project promises there, and measures LLaVA LoRA training.
 
-    python bench/gpu_check.py              # any CUDA machine (a few minutes on an H100; the 7B part needs ~40 GB)
+    python bench/gpu_check.py              # any CUDA machine (the 7B bf16 weights alone are 13.2 GiB)
     python bench/gpu_check.py --tiny       # everything a CPU can run, with tiny models, in about a minute (tested)
     python bench/gpu_check.py --skip_throughput    # only the training checks (any GPU, a few GB)
 

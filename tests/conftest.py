@@ -1,18 +1,26 @@
-"""Test-wide settings: the repo root on sys.path, and the hypothesis profiles of the property-based tests.
+"""Test-wide settings: one CPU thread per process, the repo root on sys.path, and the hypothesis profiles.
+
+The suite runs in parallel (pyproject.toml: `-n auto --dist loadfile`, one pytest worker per core, a test
+file per worker), so every test process and every process it starts gets one OpenMP thread: PyTorch's
+default of one thread per core would have each process's threads spin-waiting for cores that another
+worker holds. The multi-process tests stay in one file, so they never run beside each other.
 
 The default profile ("ci") is derandomized: the same examples on every run, so CI cannot go red by
 luck; it does not shrink a failing example (each one is a run), it reports it as drawn. `HYPOTHESIS_PROFILE=explore python -m pytest tests/test_bad_input.py` draws new random examples,
 many more of them, to hunt for inputs that break the bad-input contract.
 """
 
-import gzip
 import os
-import sys
-from pathlib import Path
 
-import numpy as np
-import pytest
-from hypothesis import HealthCheck, Phase, settings
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch or numpy is imported; subprocesses inherit it
+
+import gzip  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, Phase, settings  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the scripts are files in the repo root
