@@ -62,6 +62,10 @@ class Config:
     window: int = setting(30, "cycles per input window", at_least(1), same_on_resume=True)
     rul_cap: int = setting(125, "piecewise-linear RUL cap, for training labels and the true test RUL", between(1, 100_000), same_on_resume=True)
     val_fraction: float = setting(0.2, "fraction of training engines held out for validation", between(0, 1, low_open=True, high_open=True), same_on_resume=True)
+    val_metric: str = setting("windows", "validation RMSE that picks the best epoch, stops early and drives the plateau scheduler: "
+                              "'cut' scores each validation engine like a test engine (its last window at random cut points), "
+                              "'windows' every window of it", choices=["windows", "cut"], same_on_resume=True)
+    val_cuts: int = setting(10, "cut points per validation engine for the 'cut' score (fixed by --seed)", between(1, 1000), same_on_resume=True)
     healthy_above: int = setting(50, "RUL above this is 'healthy'", at_least(1), same_on_resume=True)
     critical_at_or_below: int = setting(15, "RUL at or below this is 'critical'; between is 'degrading'", at_least(0), same_on_resume=True)
     smoothing: float = setting(0.05, "causal exponential smoothing of the normalised sensors, weight of the newest cycle (0: off)", between(0, 1), same_on_resume=True)
@@ -205,6 +209,27 @@ def windows_per_engine(features: np.ndarray, rul: np.ndarray, units: np.ndarray,
     return np.concatenate(xs).astype(np.float32), np.concatenate(ys).astype(np.float32), np.concatenate(ids)
 
 
+# A validation engine cut like a test engine is observed for a uniform fraction of its life in this range (chosen
+# in advance, not fitted to the test set): from early in life, when the RUL is far above the cap, to one cycle
+# before failure.
+VAL_CUT_RANGE = (0.2, 1.0)
+
+
+def cut_like_test(features: np.ndarray, rul: np.ndarray, units: np.ndarray, cuts: int, seed: int):
+    """Each engine cut at `cuts` random points; each cut becomes an engine observed up to there (a new unit id), to
+    be scored like a test engine: by its last window and the RUL at the cut."""
+    rng = np.random.default_rng([seed, 1])  # its own stream: the engine split does not move
+    parts, new_units = [], []
+    for unit in np.unique(units):
+        rows = np.nonzero(units == unit)[0]
+        low = max(1, math.ceil(VAL_CUT_RANGE[0] * len(rows)))
+        for length in rng.integers(low, max(low, len(rows) - 1), size=cuts, endpoint=True):
+            parts.append(rows[:length])
+            new_units.append(np.full(length, len(new_units)))
+    keep = np.concatenate(parts)
+    return features[keep], rul[keep], np.concatenate(new_units)
+
+
 def health_state(rul: np.ndarray, cfg: Config) -> np.ndarray:
     """0 healthy, 1 degrading, 2 critical, from the (capped) RUL."""
     return np.where(rul > cfg.healthy_above, 0, np.where(rul > cfg.critical_at_or_below, 1, 2)).astype(np.int64)
@@ -284,13 +309,15 @@ def load_cmapss(cfg: Config) -> dict[str, Split]:
     test_rul = np.array([true_last[u] for u in test[:, 0]]) + rul_per_row(test)
     test_rul = np.minimum(test_rul, cfg.rul_cap)
 
+    val_cut = cut_like_test(train_feat[is_val], train_rul[is_val], train[is_val, 0], cfg.val_cuts, cfg.seed)
     splits = {}
-    for name, rows, feat, rul, unit_col, last_only in [
-        ("train", ~is_val, train_feat, train_rul, train[:, 0], False),
-        ("val", is_val, train_feat, train_rul, train[:, 0], False),
-        ("test", slice(None), test_feat, test_rul, test[:, 0], True),
+    for name, (feat, rul, unit_col), last_only in [
+        ("train", (train_feat[~is_val], train_rul[~is_val], train[~is_val, 0]), False),
+        ("val", (train_feat[is_val], train_rul[is_val], train[is_val, 0]), False),
+        ("val_cut", val_cut, True),  # validation engines scored like test engines
+        ("test", (test_feat, test_rul, test[:, 0]), True),
     ]:
-        x, y, unit = windows_per_engine(feat[rows], rul[rows], unit_col[rows], cfg.window, last_only)
+        x, y, unit = windows_per_engine(feat, rul, unit_col, cfg.window, last_only)
         splits[name] = Split(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(health_state(y, cfg)),
                              torch.from_numpy(unit))
     return splits
@@ -520,7 +547,7 @@ def evaluate(model, loader, accelerator, rul_cap: int) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def train(cfg, accelerator, model, optimizer, train_loader, val_loader, loss_fn, ema, guard, state, log, output_dir,
+def train(cfg, accelerator, model, optimizer, train_loader, val_loaders, loss_fn, ema, guard, state, log, output_dir,
           preemption):
     steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
@@ -600,26 +627,29 @@ def train(cfg, accelerator, model, optimizer, train_loader, val_loader, loss_fn,
         state.train_samples += samples
         state.train_seconds += epoch_seconds
         with ema.swapped_in():
-            val = evaluate(model, val_loader, accelerator, cfg.rul_cap)
-            improved = val["rmse"] < state.best_val_rmse
+            val = {metric: evaluate(model, loader, accelerator, cfg.rul_cap) for metric, loader in val_loaders.items()}
+            selected = val[cfg.val_metric]["rmse"]  # --val_metric: the one score that picks, stops and schedules
+            improved = selected < state.best_val_rmse
             if improved:
                 state.best_weights = {k: v.detach().clone() for k, v in accelerator.unwrap_model(model).state_dict().items()}
         state.epoch += 1
         state.batches_done = 0
         if improved:
-            state.best_val_rmse, state.best_epoch, state.epochs_since_best = val["rmse"], state.epoch, 0
+            state.best_val_rmse, state.best_epoch, state.epochs_since_best = selected, state.epoch, 0
         else:
             state.epochs_since_best += 1
         if cfg.scheduler == "plateau" and state.step >= cfg.warmup_epochs * steps_per_epoch:
-            step_plateau(state, val["rmse"], cfg)
+            step_plateau(state, selected, cfg)
             set_lr(optimizer, current_lr())
         samples_per_second = samples * accelerator.num_processes / epoch_seconds
-        log.log({"epoch": state.epoch, "val/rmse": val["rmse"], "val/score": val["score"],
-                 "val/health_accuracy": val["health_accuracy"], "train/samples_per_second": samples_per_second,
+        windows, cut = val["windows"], val["cut"]
+        log.log({"epoch": state.epoch, "val/rmse": windows["rmse"], "val/score": windows["score"],
+                 "val/health_accuracy": windows["health_accuracy"], "val/rmse_cut": cut["rmse"],
+                 "val/score_cut": cut["score"], "train/samples_per_second": samples_per_second,
                  "peak_memory_mb": peak_memory_mb(accelerator.device), "train/lr": optimizer.param_groups[0]["lr"]},
                 state.step)
-        accelerator.print(f"epoch {state.epoch:3d} | val RMSE {val['rmse']:6.2f} score {val['score']:8.1f} "
-                  f"health acc {val['health_accuracy']:.3f} | best {state.best_val_rmse:6.2f} @ {state.best_epoch} | "
+        accelerator.print(f"epoch {state.epoch:3d} | val RMSE {windows['rmse']:6.2f} cut {cut['rmse']:6.2f} "
+                  f"health acc {windows['health_accuracy']:.3f} | best {state.best_val_rmse:6.2f} @ {state.best_epoch} | "
                   f"lr {optimizer.param_groups[0]['lr']:.2e} | {samples_per_second:,.0f} samples/s | "
                   f"{peak_memory_mb(accelerator.device):,.0f} MB", flush=True)
         save_checkpoint(accelerator, output_dir, state.step, checkpointed, cfg.keep_checkpoints, best=improved,
@@ -707,16 +737,18 @@ def main(argv=None):
     check_one_view_of_output_dir(output_dir, resume_path)  # several machines: one filesystem
     splits = load_cmapss(cfg)
     accelerator.print(f"{cfg.subset}: {len(splits['train'].rul)} training windows, {len(splits['val'].rul)} "
-                      f"validation windows, {len(splits['test'].rul)} test engines, {len(cfg.sensors)} sensors")
+                      f"validation windows ({len(splits['val_cut'].rul)} cuts), {len(splits['test'].rul)} test engines, "
+                      f"{len(cfg.sensors)} sensors")
     train_loader = make_loader(splits["train"], cfg.batch_size, shuffle=True, seed=cfg.seed)
     val_loader = make_loader(splits["val"], 4 * cfg.batch_size, shuffle=False, seed=cfg.seed)
+    val_cut_loader = make_loader(splits["val_cut"], 4 * cfg.batch_size, shuffle=False, seed=cfg.seed)
     test_loader = make_loader(splits["test"], 4 * cfg.batch_size, shuffle=False, seed=cfg.seed)
 
     model = DualTaskNet(num_features=splits["train"].x.shape[-1], cfg=cfg)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, fused=True)
     fit_fsdp_wrapping(accelerator, model)  # FSDP2: one unit per transformer block the model has
-    model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
-        model, optimizer, train_loader, val_loader, test_loader
+    model, optimizer, train_loader, val_loader, val_cut_loader, test_loader = accelerator.prepare(
+        model, optimizer, train_loader, val_loader, val_cut_loader, test_loader
     )
     loss_fn = AMNLLoss(cfg, accelerator.device, reduce=lambda losses: accelerator.reduce(losses, "mean"))
     ema = EMA(model.parameters(), decay=cfg.ema_decay)
@@ -738,8 +770,8 @@ def main(argv=None):
     # SIGTERM/SIGINT: during training, finish the step, checkpoint and exit 75; after it, finish the short
     # final phase (test, save) and exit 0. A second signal stops at once.
     preemption = Preemption().install()
-    if train(cfg, accelerator, model, optimizer, train_loader, val_loader, loss_fn, ema, guard, state, log, output_dir,
-             preemption):
+    if train(cfg, accelerator, model, optimizer, train_loader, {"windows": val_loader, "cut": val_cut_loader}, loss_fn,
+             ema, guard, state, log, output_dir, preemption):
         accelerator.end_training()
         accelerator.print(f"stopped by a signal at step {state.step} with a checkpoint saved; "
                           f"continue with --resume_from latest (exit code {EXIT_PREEMPTED})", flush=True)
@@ -759,6 +791,7 @@ def main(argv=None):
         "test_health_accuracy": test["health_accuracy"],
         "test_engines": test["num_samples"],
         "best_val_rmse": state.best_val_rmse if state.best_epoch >= 0 else None,
+        "val_metric": cfg.val_metric,
         "best_epoch": state.best_epoch,
         "epochs_run": state.epoch,
         "optimizer_steps": state.step,
@@ -775,7 +808,7 @@ def main(argv=None):
     if accelerator.is_main_process:
         write_json(output_dir / "results.json", results)
         save_plots(output_dir, test)
-        best = f"best val RMSE {state.best_val_rmse:.2f} at epoch {state.best_epoch}" if state.best_epoch >= 0 else "no epoch finished"
+        best = f"best val RMSE ({cfg.val_metric}) {state.best_val_rmse:.2f} at epoch {state.best_epoch}" if state.best_epoch >= 0 else "no epoch finished"
         print(f"test RMSE {test['rmse']:.2f} | PHM08 score {test['score']:.1f} | health accuracy "
               f"{test['health_accuracy']:.3f} | {best} | {results['wall_seconds']:.0f} s | results in {output_dir / 'results.json'}")
     accelerator.end_training()

@@ -54,15 +54,17 @@ def full_loop(cfg, accelerator, initial_state, splits, workdir: Path) -> float:
     model.load_state_dict(initial_state)
     optimizer = torch.optim.AdamW(tdt.param_groups(model, cfg.weight_decay), lr=cfg.lr, fused=True)
     train_loader = tdt.make_loader(splits["train"], cfg.batch_size, shuffle=True, seed=cfg.seed)
-    val_loader = tdt.make_loader(splits["val"], 4 * cfg.batch_size, shuffle=False, seed=cfg.seed)
-    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    val_loaders = {metric: tdt.make_loader(splits[name], 4 * cfg.batch_size, shuffle=False, seed=cfg.seed)
+                   for metric, name in (("windows", "val"), ("cut", "val_cut"))}
+    model, optimizer, train_loader, *prepared = accelerator.prepare(model, optimizer, train_loader, *val_loaders.values())
+    val_loaders = dict(zip(val_loaders, prepared))
     loss_fn = tdt.AMNLLoss(cfg, accelerator.device, reduce=lambda losses: accelerator.reduce(losses, "mean"))
     ema = EMA(model.parameters(), decay=cfg.ema_decay)
     guard = NonFiniteGuard(accelerator, model, optimizer, cfg.nan_lr_backoff, cfg.max_nonfinite_in_a_row)
     workdir.mkdir(parents=True)
     log = MetricsLog(accelerator, workdir)
     start = time.perf_counter()
-    tdt.train(cfg, accelerator, model, optimizer, train_loader, val_loader, loss_fn, ema, guard, tdt.TrainState(),
+    tdt.train(cfg, accelerator, model, optimizer, train_loader, val_loaders, loss_fn, ema, guard, tdt.TrainState(),
               log, workdir, Preemption())
     return (time.perf_counter() - start) / cfg.max_steps
 

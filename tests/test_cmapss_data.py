@@ -147,3 +147,38 @@ def test_smoothing_is_causal_and_stays_within_each_engine():
     raw = load_cmapss(Config(data_dir=str(DATA), smoothing=0.0))
     assert default["train"].x.shape == raw["train"].x.shape
     assert default["train"].x.diff(dim=1).abs().mean() < 0.5 * raw["train"].x.diff(dim=1).abs().mean()
+
+
+def test_validation_engines_cut_like_test_engines_match_a_hand_computation(fd001):
+    """--val_metric cut: each validation engine is cut at 10 seeded points, observed for 20%..(life - 1 cycle); a
+    cut is scored by its last window and the capped RUL at the cut, exactly as a test engine is."""
+    from accelerate import Accelerator
+
+    from train_dual_task import DualTaskNet, evaluate, make_loader
+
+    cfg = Config(subset="FD001", data_dir=str(DATA), smoothing=0.0, cycle_feature=False)
+    val, cut = fd001["val"], fd001["val_cut"]
+    rng = np.random.default_rng([cfg.seed, 1])
+    windows, targets = [], []
+    for unit in sorted(set(val.unit.tolist())):
+        engine = val.unit == unit  # windows ending at cycles 30, 31, ..., life: RUL life - 30, ..., 0 (capped)
+        life = int(engine.sum()) + cfg.window - 1
+        for length in rng.integers(int(np.ceil(0.2 * life)), life - 1, size=cfg.val_cuts, endpoint=True):
+            assert int(np.ceil(0.2 * life)) <= length <= life - 1
+            targets.append(min(life - length, cfg.rul_cap))
+            if length >= cfg.window:  # the all-windows split holds the very window that ends at the cut
+                windows.append(val.x[engine][length - cfg.window])
+            else:  # shorter than a window: front-padded with the first cycle, as short test engines are
+                first = val.x[engine][0]
+                windows.append(torch.cat([first[:1].expand(cfg.window - length, -1), first[:length]]))
+    assert len(cut.rul) == 20 * 10 and cut.rul.tolist() == targets
+    assert torch.equal(cut.x, torch.stack(windows))
+
+    torch.manual_seed(0)
+    model = DualTaskNet(num_features=14, cfg=cfg)
+    accelerator = Accelerator(cpu=True)
+    scored = evaluate(model, make_loader(cut, 64, shuffle=False, seed=0), accelerator, cfg.rul_cap)
+    with torch.no_grad():  # evaluate() leaves the model in training mode
+        by_hand = (model.eval()(torch.stack(windows))[0] * cfg.rul_cap).clamp(0, cfg.rul_cap)
+    rmse = torch.sqrt(((by_hand - torch.tensor(targets, dtype=torch.float32)) ** 2).mean()).item()
+    assert scored["rmse"] == pytest.approx(rmse, rel=1e-5) and scored["num_samples"] == 200

@@ -193,13 +193,13 @@ def test_an_exception_during_evaluation_leaves_no_corrupt_output(tmp_path, monke
     real_evaluate = train_dual_task.evaluate
     calls = {"n": 0}
 
-    def evaluate_that_fails_the_second_time(*args, **kwargs):
+    def evaluate_that_fails_in_epoch_2(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] == 3:  # each validation scores all windows, then the cuts: the 3rd call is epoch 2's
             raise RuntimeError("injected failure during evaluation")
         return real_evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(train_dual_task, "evaluate", evaluate_that_fails_the_second_time)
+    monkeypatch.setattr(train_dual_task, "evaluate", evaluate_that_fails_in_epoch_2)
     with pytest.raises(RuntimeError, match="injected failure"):
         run(tmp_path, "--epochs", "2", "--checkpoint_every", "30", name="crashed")
     out = tmp_path / "crashed"
@@ -321,3 +321,20 @@ def test_no_host_sync_per_training_step(tmp_path, monkeypatch):
         run(tmp_path, "--max_steps", str(steps), "--log_every", "1000", name=f"steps{steps}")
         syncs.append(counts["n"])
     assert syncs[0] == syncs[1], f"host syncs grow with the number of steps: {syncs}"
+
+
+def test_val_metric_picks_the_best_epoch_and_stops_early_on_its_own_score(tmp_path, small_cmapss):
+    """Both validation scores are logged every epoch; --val_metric alone decides the best epoch and early stopping.
+    The same seed trains the same model either way until a stop."""
+    by_metric = {}
+    for metric, key in (("windows", "val/rmse"), ("cut", "val/rmse_cut")):
+        results = run(tmp_path, "--data_dir", str(small_cmapss), "--batch_size", "64", "--epochs", "5", "--lr", "3e-3",
+                      "--val_metric", metric, "--early_stopping_patience", "2", name=metric)
+        scores = [r[key] for r in records(tmp_path / metric) if key in r]
+        best = min(range(len(scores)), key=scores.__getitem__)
+        assert results["val_metric"] == metric and results["best_val_rmse"] == scores[best]
+        assert results["best_epoch"] == best + 1
+        assert results["epochs_run"] == min(5, best + 1 + 2)  # early stopping after 2 epochs without a better score
+        by_metric[metric] = [(r["val/rmse"], r["val/rmse_cut"]) for r in records(tmp_path / metric) if "val/rmse" in r]
+    shared = min(len(by_metric["windows"]), len(by_metric["cut"]))
+    assert by_metric["windows"][:shared] == by_metric["cut"][:shared]
