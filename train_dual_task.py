@@ -35,7 +35,7 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from common.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from common.checkpoint import check_checkpoint_fits, load_checkpoint, resolve_resume, save_checkpoint
 from common.config import NON_EMPTY, TRACKER, above, at_least, between, check_domains, parse_config, setting
 from common.distributed import (
     check_one_view_of_output_dir,
@@ -62,6 +62,8 @@ class Config:
     window: int = setting(30, "cycles per input window", at_least(1), same_on_resume=True)
     rul_cap: int = setting(125, "piecewise-linear RUL cap, for training labels and the true test RUL", between(1, 100_000), same_on_resume=True)
     val_fraction: float = setting(0.2, "fraction of training engines held out for validation", between(0, 1, low_open=True, high_open=True), same_on_resume=True)
+    folds: int = setting(1, "train this many models, each validated on its own engine-disjoint fold (then --val_fraction is 1/folds), "
+                         "and average their test predictions (1: one model)", between(1, 100), same_on_resume=True)
     val_metric: str = setting("windows", "validation RMSE that picks the best epoch, stops early and drives the plateau scheduler: "
                               "'cut' scores each validation engine like a test engine (its last window at random cut points), "
                               "'windows' every window of it", choices=["windows", "cut"], same_on_resume=True)
@@ -243,7 +245,7 @@ class Split:
     unit: torch.Tensor  # (N,) engine id of each window
 
 
-def load_cmapss(cfg: Config) -> dict[str, Split]:
+def load_cmapss(cfg: Config, fold: int = 0) -> dict[str, Split]:
     data_dir = Path(cfg.data_dir)
     if not data_dir.is_absolute() and not data_dir.exists():
         data_dir = Path(__file__).resolve().parent / data_dir  # the copy shipped with this repo
@@ -263,13 +265,20 @@ def load_cmapss(cfg: Config) -> dict[str, Split]:
                         f"restore the original files")
 
     # Split by engine, never by window: windows of one engine are strongly correlated.
+    # With --folds K the engines, in one seeded order, fall into K disjoint validation folds; this is fold `fold`.
     units = np.unique(train[:, 0])
-    rng = np.random.default_rng(cfg.seed)
-    n_val = max(1, round(cfg.val_fraction * len(units)))
-    if n_val >= len(units):
-        raise UserError(f"train_{cfg.subset} has {len(units)} engine(s) and --val_fraction {cfg.val_fraction:g} holds out "
-                        f"{n_val} for validation, leaving none to train on; lower --val_fraction or add engines")
-    val_units = set(rng.permutation(units)[:n_val].tolist())
+    order = np.random.default_rng(cfg.seed).permutation(units)
+    if cfg.folds > 1:
+        if cfg.folds > len(units):
+            raise UserError(f"--folds {cfg.folds} needs at least {cfg.folds} training engines, train_{cfg.subset} has "
+                            f"{len(units)}; lower --folds")
+        val_units = set(np.array_split(order, cfg.folds)[fold].tolist())
+    else:
+        n_val = max(1, round(cfg.val_fraction * len(units)))
+        if n_val >= len(units):
+            raise UserError(f"train_{cfg.subset} has {len(units)} engine(s) and --val_fraction {cfg.val_fraction:g} holds "
+                            f"out {n_val} for validation, leaving none to train on; lower --val_fraction or add engines")
+        val_units = set(order[:n_val].tolist())
     is_val = np.isin(train[:, 0], list(val_units))
 
     # Normalisation statistics from the training engines only, per operating condition.
@@ -516,16 +525,17 @@ def phm08_score(pred: torch.Tensor, true: torch.Tensor) -> float:
 def evaluate(model, loader, accelerator, rul_cap: int) -> dict:
     """RMSE and PHM08 score in cycles, health accuracy; every sample counted once across processes."""
     model.eval()
-    preds, trues, health_hits = [], [], []
+    preds, trues, probs, healths = [], [], [], []
     for x, rul, health in loader:
         with accelerator.autocast():
             rul_pred, health_logits = model(x)
-        rul_pred, rul, hits = accelerator.gather_for_metrics(
-            (rul_pred.float(), rul, (health_logits.argmax(-1) == health).float())
+        rul_pred, rul, prob, health = accelerator.gather_for_metrics(
+            (rul_pred.float(), rul, health_logits.float().softmax(-1), health)
         )
         preds.append(rul_pred)
         trues.append(rul)
-        health_hits.append(hits)
+        probs.append(prob)
+        healths.append(health)
     model.train()
     pred = (torch.cat(preds) * rul_cap).clamp(0, rul_cap)  # the model predicts RUL / cap
     true = torch.cat(trues)
@@ -535,10 +545,12 @@ def evaluate(model, loader, accelerator, rul_cap: int) -> dict:
     return {
         "rmse": torch.sqrt(((pred - true) ** 2).mean()).item(),
         "score": phm08_score(pred, true),
-        "health_accuracy": torch.cat(health_hits).mean().item(),
+        "health_accuracy": (torch.cat(probs).argmax(-1) == torch.cat(healths)).float().mean().item(),
         "num_samples": len(true),
         "pred": pred.cpu(),
         "true": true.cpu(),
+        "health_prob": torch.cat(probs).cpu(),  # for a fold ensemble
+        "health": torch.cat(healths).cpu(),
     }
 
 
@@ -665,26 +677,14 @@ def train(cfg, accelerator, model, optimizer, train_loader, val_loaders, loss_fn
 # ----------------------------------------------------------------------------------------------
 
 
-def save_plots(output_dir: Path, test: dict) -> None:
+def save_plots(output_dir: Path, test: dict, rul_cap: int, curves: bool = True) -> None:
     import matplotlib  # imported here: only the main process plots, at the very end
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line]
-    steps = [r for r in records if "train/loss" in r]
-    epochs = [r for r in records if "val/rmse" in r]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    axes[0].plot([r["step"] for r in steps], [r["train/loss"] for r in steps])
-    axes[0].set(title="training loss (AMNL)", xlabel="optimizer step")
-    axes[1].plot([r["epoch"] for r in epochs], [r["val/rmse"] for r in epochs])
-    axes[1].set(title="validation RMSE (EMA weights)", xlabel="epoch", ylabel="cycles")
-    axes[2].plot([r["step"] for r in records if "train/lr" in r], [r["train/lr"] for r in records if "train/lr" in r])
-    axes[2].set(title="learning rate", xlabel="optimizer step")
-    fig.tight_layout()
-    fig.savefig(output_dir / "training_curves.png", dpi=100)
-    plt.close(fig)
-
+    if curves:  # a fold ensemble has no curves of its own (each fold's are in its folder)
+        save_training_curves(output_dir, rul_cap, plt)
     order = torch.argsort(test["true"])
     fig, ax = plt.subplots(figsize=(10, 4))
     ax.plot(test["true"][order], "k-", label="true RUL (capped)")
@@ -694,6 +694,32 @@ def save_plots(output_dir: Path, test: dict) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(output_dir / "test_predictions.png", dpi=100)
+    plt.close(fig)
+
+
+def save_training_curves(output_dir: Path, rul_cap: int, plt) -> None:
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line]
+    steps = [r for r in records if "train/rul_loss" in r]
+    epochs = [r for r in records if "val/rmse" in r]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    # The task losses, not the AMNL total: that divides each loss by its own falling average, so it hovers near
+    # 1 and rises as the model learns, which reads as divergence. The RUL loss in cycles sits beside validation.
+    axes[0].plot([r["step"] for r in steps], [math.sqrt(max(r["train/rul_loss"], 0)) * rul_cap for r in steps],
+                 label="training: √(failure-weighted MSE)")
+    axes[0].plot([r["step"] for r in epochs], [r["val/rmse"] for r in epochs], "o-", label="validation RMSE, all windows")
+    axes[0].plot([r["step"] for r in epochs], [r["val/rmse_cut"] for r in epochs], "s-",
+                 label="validation RMSE, cut like test")
+    axes[0].set(title="RUL error (validation: EMA weights)", xlabel="optimizer step", ylabel="cycles")
+    axes[0].legend()
+    axes[1].plot([r["step"] for r in steps], [r["train/health_loss"] for r in steps], label="health cross-entropy")
+    axes[1].set(title="health-state loss", xlabel="optimizer step", ylabel="cross-entropy")
+    total = axes[1].twinx()
+    total.plot([r["step"] for r in steps], [r["train/loss"] for r in steps], color="0.7", linewidth=0.8)
+    total.set_ylabel("AMNL total (about 1 by construction)", color="0.5")
+    axes[2].plot([r["step"] for r in records if "train/lr" in r], [r["train/lr"] for r in records if "train/lr" in r])
+    axes[2].set(title="learning rate", xlabel="optimizer step")
+    fig.tight_layout()
+    fig.savefig(output_dir / "training_curves.png", dpi=100)
     plt.close(fig)
 
 
@@ -730,92 +756,145 @@ def main(argv=None):
     refuse_silent_fallbacks(accelerator)
     set_seed(cfg.seed)
 
-    # Check everything that bad input can fail before the first write: the output folder, the checkpoint
+    # Check everything that bad input can fail before the first write: the output folder, the checkpoints
     # to resume, the data, the model. Until start_run() nothing on disk changes.
     output_dir = check_output_dir(cfg.output_dir, resuming=cfg.resume_from is not None, overwrite=cfg.overwrite)
-    resume_path = resolve_resume(output_dir, cfg.resume_from)
-    check_one_view_of_output_dir(output_dir, resume_path)  # several machines: one filesystem
-    splits = load_cmapss(cfg)
+    if cfg.folds > 1 and cfg.resume_from not in (None, "latest"):
+        raise UserError(f"--resume_from {cfg.resume_from} with --folds {cfg.folds}: each fold resumes from its own "
+                        f"newest checkpoint; pass --resume_from latest")
+    # --folds K: K models, one after another on every process, each in its own folder with its own checkpoints.
+    run_dirs = [output_dir] if cfg.folds == 1 else [output_dir / f"fold_{k}" for k in range(1, cfg.folds + 1)]
+    resume_paths = [resolve_resume(run_dir, cfg.resume_from) for run_dir in run_dirs]
+    for path in filter(None, resume_paths):
+        check_checkpoint_fits(accelerator, path, cfg)  # every fold's, before anything is written
+    check_one_view_of_output_dir(output_dir, next(filter(None, resume_paths), None))  # several machines: one filesystem
+    fold_splits = [load_cmapss(cfg, fold) for fold in range(cfg.folds)]
+    splits = fold_splits[0]
     accelerator.print(f"{cfg.subset}: {len(splits['train'].rul)} training windows, {len(splits['val'].rul)} "
                       f"validation windows ({len(splits['val_cut'].rul)} cuts), {len(splits['test'].rul)} test engines, "
-                      f"{len(cfg.sensors)} sensors")
-    train_loader = make_loader(splits["train"], cfg.batch_size, shuffle=True, seed=cfg.seed)
-    val_loader = make_loader(splits["val"], 4 * cfg.batch_size, shuffle=False, seed=cfg.seed)
-    val_cut_loader = make_loader(splits["val_cut"], 4 * cfg.batch_size, shuffle=False, seed=cfg.seed)
-    test_loader = make_loader(splits["test"], 4 * cfg.batch_size, shuffle=False, seed=cfg.seed)
-
-    model = DualTaskNet(num_features=splits["train"].x.shape[-1], cfg=cfg)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, fused=True)
-    fit_fsdp_wrapping(accelerator, model)  # FSDP2: one unit per transformer block the model has
-    model, optimizer, train_loader, val_loader, val_cut_loader, test_loader = accelerator.prepare(
-        model, optimizer, train_loader, val_loader, val_cut_loader, test_loader
-    )
-    loss_fn = AMNLLoss(cfg, accelerator.device, reduce=lambda losses: accelerator.reduce(losses, "mean"))
-    ema = EMA(model.parameters(), decay=cfg.ema_decay)
-    guard = NonFiniteGuard(accelerator, model, optimizer, cfg.nan_lr_backoff, cfg.max_nonfinite_in_a_row)
-    state = TrainState()
-    if resume_path is not None:  # refused if it does not fit these settings, before anything is written
-        load_checkpoint(accelerator, resume_path, {"train_state": state, "ema": ema, "guard": guard, "amnl": loss_fn},
-                        config=cfg)
-        accelerator.print(f"resumed from {resume_path} at step {state.step}, epoch {state.epoch}")
-    elif cfg.resume_from == "latest":
-        accelerator.print(f"no checkpoint in {output_dir}; starting from scratch")
-
-    # Every check has passed: from here on the run writes (an --overwrite'n run's outputs go now, not before).
-    start_run(accelerator, output_dir, cfg, RUN_OUTPUTS, fresh=resume_path is None)
-    if cfg.report_to != "none":
-        accelerator.init_trackers("dual_task", config={k: str(v) if isinstance(v, list) else v
-                                                      for k, v in dataclasses.asdict(cfg).items()})
-    log = MetricsLog(accelerator, output_dir, step_offset=state.step if resume_path else None)
+                      f"{len(cfg.sensors)} sensors" + (f"; {cfg.folds} folds" if cfg.folds > 1 else ""))
     # SIGTERM/SIGINT: during training, finish the step, checkpoint and exit 75; after it, finish the short
     # final phase (test, save) and exit 0. A second signal stops at once.
     preemption = Preemption().install()
-    if train(cfg, accelerator, model, optimizer, train_loader, {"windows": val_loader, "cut": val_cut_loader}, loss_fn,
-             ema, guard, state, log, output_dir, preemption):
-        accelerator.end_training()
-        accelerator.print(f"stopped by a signal at step {state.step} with a checkpoint saved; "
-                          f"continue with --resume_from latest (exit code {EXIT_PREEMPTED})", flush=True)
-        sys.exit(EXIT_PREEMPTED)
+    fold_results, fold_tests = [], []
+    for fold, (splits, run_dir, resume_path) in enumerate(zip(fold_splits, run_dirs, resume_paths)):
+        fold_start = time.perf_counter()
+        set_seed(cfg.seed + fold)  # each fold's initialisation, whatever ran before it (a resumed run skips folds)
+        train_loader = make_loader(splits["train"], cfg.batch_size, shuffle=True, seed=cfg.seed)
+        val_loader = make_loader(splits["val"], 4 * cfg.batch_size, shuffle=False, seed=cfg.seed)
+        val_cut_loader = make_loader(splits["val_cut"], 4 * cfg.batch_size, shuffle=False, seed=cfg.seed)
+        test_loader = make_loader(splits["test"], 4 * cfg.batch_size, shuffle=False, seed=cfg.seed)
 
-    # The best EMA weights, chosen on validation, are evaluated on the test set once.
-    if state.best_weights:
-        accelerator.unwrap_model(model).load_state_dict(state.best_weights)
-    else:
-        ema.copy_to()  # no epoch finished (e.g. a tiny --max_steps): use the current EMA weights
-    test = evaluate(model, test_loader, accelerator, cfg.rul_cap)
-    save_model_atomically(accelerator, model, output_dir)  # -> output_dir/model.safetensors
-    results = {
-        "subset": cfg.subset,
-        "test_rmse": test["rmse"],
-        "test_score": test["score"],
-        "test_health_accuracy": test["health_accuracy"],
-        "test_engines": test["num_samples"],
-        "best_val_rmse": state.best_val_rmse if state.best_epoch >= 0 else None,
-        "val_metric": cfg.val_metric,
-        "best_epoch": state.best_epoch,
-        "epochs_run": state.epoch,
-        "optimizer_steps": state.step,
-        "wall_seconds": time.perf_counter() - wall_start,
-        "train_samples_per_second": state.train_samples * accelerator.num_processes / state.train_seconds
-        if state.train_seconds else None,
-        "peak_memory_mb": peak_memory_mb(accelerator.device),
-        "num_processes": accelerator.num_processes,
-        "distributed_type": str(accelerator.distributed_type.value),
-        "mixed_precision": accelerator.mixed_precision,
-        "fell_back_to_fp32_at_step": guard.fallback_step,
-        "seed": cfg.seed,
-    }
-    if accelerator.is_main_process:
-        write_json(output_dir / "results.json", results)
-        save_plots(output_dir, test)
-        best = f"best val RMSE ({cfg.val_metric}) {state.best_val_rmse:.2f} at epoch {state.best_epoch}" if state.best_epoch >= 0 else "no epoch finished"
-        print(f"test RMSE {test['rmse']:.2f} | PHM08 score {test['score']:.1f} | health accuracy "
-              f"{test['health_accuracy']:.3f} | {best} | {results['wall_seconds']:.0f} s | results in {output_dir / 'results.json'}")
+        model = DualTaskNet(num_features=splits["train"].x.shape[-1], cfg=cfg)
+        optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, fused=True)
+        fit_fsdp_wrapping(accelerator, model)  # FSDP2: one unit per transformer block the model has
+        model, optimizer, train_loader, val_loader, val_cut_loader, test_loader = accelerator.prepare(
+            model, optimizer, train_loader, val_loader, val_cut_loader, test_loader
+        )
+        loss_fn = AMNLLoss(cfg, accelerator.device, reduce=lambda losses: accelerator.reduce(losses, "mean"))
+        ema = EMA(model.parameters(), decay=cfg.ema_decay)
+        guard = NonFiniteGuard(accelerator, model, optimizer, cfg.nan_lr_backoff, cfg.max_nonfinite_in_a_row)
+        state = TrainState()
+        if resume_path is not None:  # refused if it does not fit these settings, before anything is written
+            load_checkpoint(accelerator, resume_path, {"train_state": state, "ema": ema, "guard": guard, "amnl": loss_fn},
+                            config=cfg)
+            accelerator.print(f"resumed from {resume_path} at step {state.step}, epoch {state.epoch}")
+        elif cfg.resume_from == "latest":
+            accelerator.print(f"no checkpoint in {run_dir}; starting from scratch")
+
+        if fold == 0:  # every check has passed: from here on the run writes (an --overwrite'n run's outputs go now)
+            old_folds = sorted(p.name for p in output_dir.glob("fold_*"))
+            start_run(accelerator, output_dir, cfg, RUN_OUTPUTS + old_folds, fresh=not any(resume_paths))
+            if cfg.report_to != "none":
+                accelerator.init_trackers("dual_task", config={k: str(v) if isinstance(v, list) else v
+                                                              for k, v in dataclasses.asdict(cfg).items()})
+        if accelerator.is_main_process:
+            run_dir.mkdir(exist_ok=True)
+        accelerator.wait_for_everyone()
+        if cfg.folds > 1:
+            accelerator.print(f"fold {fold + 1}/{cfg.folds}: validation engines "
+                              f"{sorted(int(u) for u in splits['val'].unit.unique())}")
+        log = MetricsLog(accelerator, run_dir, step_offset=state.step if resume_path else None)
+        if train(cfg, accelerator, model, optimizer, train_loader, {"windows": val_loader, "cut": val_cut_loader},
+                 loss_fn, ema, guard, state, log, run_dir, preemption):
+            accelerator.end_training()
+            accelerator.print(f"stopped by a signal at step {state.step} with a checkpoint saved; "
+                              f"continue with --resume_from latest (exit code {EXIT_PREEMPTED})", flush=True)
+            sys.exit(EXIT_PREEMPTED)
+
+        # The best EMA weights, chosen on validation, are evaluated on the test set once.
+        if state.best_weights:
+            accelerator.unwrap_model(model).load_state_dict(state.best_weights)
+        else:
+            ema.copy_to()  # no epoch finished (e.g. a tiny --max_steps): use the current EMA weights
+        test = evaluate(model, test_loader, accelerator, cfg.rul_cap)
+        save_model_atomically(accelerator, model, run_dir)  # -> run_dir/model.safetensors
+        results = {
+            "subset": cfg.subset,
+            "test_rmse": test["rmse"],
+            "test_score": test["score"],
+            "test_health_accuracy": test["health_accuracy"],
+            "test_engines": test["num_samples"],
+            "best_val_rmse": state.best_val_rmse if state.best_epoch >= 0 else None,
+            "val_metric": cfg.val_metric,
+            "best_epoch": state.best_epoch,
+            "epochs_run": state.epoch,
+            "optimizer_steps": state.step,
+            "wall_seconds": time.perf_counter() - (wall_start if cfg.folds == 1 else fold_start),
+            "train_samples_per_second": state.train_samples * accelerator.num_processes / state.train_seconds
+            if state.train_seconds else None,
+            "peak_memory_mb": peak_memory_mb(accelerator.device),
+            "num_processes": accelerator.num_processes,
+            "distributed_type": str(accelerator.distributed_type.value),
+            "mixed_precision": accelerator.mixed_precision,
+            "fell_back_to_fp32_at_step": guard.fallback_step,
+            "seed": cfg.seed,
+        } | ({"fold": fold + 1, "val_engines": sorted(int(u) for u in splits["val"].unit.unique())} if cfg.folds > 1 else {})
+        if accelerator.is_main_process:
+            write_json(run_dir / "results.json", results)
+            save_plots(run_dir, test, cfg.rul_cap)
+            best = (f"best val RMSE ({cfg.val_metric}) {state.best_val_rmse:.2f} at epoch {state.best_epoch}"
+                    if state.best_epoch >= 0 else "no epoch finished")
+            print(("" if cfg.folds == 1 else f"fold {fold + 1}: ") +
+                  f"test RMSE {test['rmse']:.2f} | PHM08 score {test['score']:.1f} | health accuracy "
+                  f"{test['health_accuracy']:.3f} | {best} | {results['wall_seconds']:.0f} s | results in "
+                  f"{run_dir / 'results.json'}")
+        fold_results.append(results)
+        fold_tests.append(test)
+        accelerator.free_memory()  # the next fold's objects are prepared and checkpointed alone
+
+    if cfg.folds > 1:  # the ensemble: test predictions (RUL and health probabilities) averaged over the folds
+        results, test = ensemble_results(cfg, fold_results, fold_tests, time.perf_counter() - wall_start)
+        if accelerator.is_main_process:
+            write_json(output_dir / "results.json", results)
+            save_plots(output_dir, test, cfg.rul_cap, curves=False)
+            print(f"ensemble of {cfg.folds} folds: test RMSE {test['rmse']:.2f} | PHM08 score {test['score']:.1f} | "
+                  f"health accuracy {test['health_accuracy']:.3f} | {results['wall_seconds']:.0f} s | results in "
+                  f"{output_dir / 'results.json'}")
     accelerator.end_training()
     preemption.uninstall()
     if preemption.requested:
         accelerator.print("the signal came after training: the test evaluation and the outputs were finished (exit code 0)")
     return results
+
+
+def ensemble_results(cfg: Config, fold_results: list[dict], fold_tests: list[dict], wall_seconds: float):
+    pred = torch.stack([t["pred"] for t in fold_tests]).mean(0)
+    true, health = fold_tests[0]["true"], fold_tests[0]["health"]  # the same test engines, in the same order
+    prob = torch.stack([t["health_prob"] for t in fold_tests]).mean(0)
+    test = {"rmse": torch.sqrt(((pred - true) ** 2).mean()).item(), "score": phm08_score(pred, true),
+            "health_accuracy": (prob.argmax(-1) == health).float().mean().item(), "num_samples": len(true),
+            "pred": pred, "true": true}
+    keep = ("subset", "num_processes", "distributed_type", "mixed_precision", "seed", "val_metric")
+    results = {"test_rmse": test["rmse"], "test_score": test["score"], "test_health_accuracy": test["health_accuracy"],
+               "test_engines": test["num_samples"], "folds": len(fold_results),
+               "fold_test_rmse_mean": float(np.mean([r["test_rmse"] for r in fold_results])),
+               "best_val_rmse_mean": float(np.mean([r["best_val_rmse"] for r in fold_results
+                                                    if r["best_val_rmse"] is not None] or [np.nan])),
+               "optimizer_steps": sum(r["optimizer_steps"] for r in fold_results), "wall_seconds": wall_seconds,
+               "peak_memory_mb": max(r["peak_memory_mb"] for r in fold_results)}
+    results |= {k: fold_results[0][k] for k in keep} | {"per_fold": fold_results}
+    return results, test
 
 
 if __name__ == "__main__":

@@ -179,12 +179,9 @@ def resolve_resume(output_dir: str | Path, resume_from: str | None) -> Path | No
     return path
 
 
-def load_checkpoint(accelerator, path: Path, state: dict, config=None) -> dict:
-    """Restore what save_checkpoint wrote into the prepared objects and `state`; returns meta.json.
-
-    Refuses, before loading anything, a checkpoint written by another number of processes or with
-    other values of `config`'s `same_on_resume` settings (`resolve_resume` has checked its files).
-    """
+def check_checkpoint_fits(accelerator, path: Path, config=None) -> dict:
+    """Refuse, reading only meta.json, a checkpoint written by another number of processes or with other values of
+    `config`'s `same_on_resume` settings; returns meta.json."""
     meta = _read_meta(path)
     if meta is None:
         raise UserError(f"checkpoint {path} is damaged: its {META} is missing or garbled; resume from another checkpoint")
@@ -198,6 +195,17 @@ def load_checkpoint(accelerator, path: Path, state: dict, config=None) -> dict:
             if f.metadata.get("same_on_resume") and f.name in meta["config"] and saved != asked:
                 raise UserError(f"checkpoint {path} was trained with --{f.name} {saved!r}, this run asks for "
                                 f"{asked!r}; resume with --{f.name} {saved!r}, or start a new run in another --output_dir")
+    return meta
+
+
+def load_checkpoint(accelerator, path: Path, state: dict, config=None) -> dict:
+    """Restore what save_checkpoint wrote into the prepared objects and `state`; returns meta.json.
+
+    Refuses, before loading anything, a checkpoint written by another number of processes or with
+    other values of `config`'s `same_on_resume` settings (`resolve_resume` has checked its files).
+    """
+    meta = check_checkpoint_fits(accelerator, path, config)
+    own = path / f"train_state_rank{accelerator.process_index}.pt"
     try:
         accelerator.load_state(str(path))
         saved = torch.load(own, map_location="cpu", weights_only=True)

@@ -338,3 +338,55 @@ def test_val_metric_picks_the_best_epoch_and_stops_early_on_its_own_score(tmp_pa
         by_metric[metric] = [(r["val/rmse"], r["val/rmse_cut"]) for r in records(tmp_path / metric) if "val/rmse" in r]
     shared = min(len(by_metric["windows"]), len(by_metric["cut"]))
     assert by_metric["windows"][:shared] == by_metric["cut"][:shared]
+
+
+def test_folds_train_one_model_per_engine_disjoint_fold_and_average_their_test_predictions(tmp_path, small_cmapss,
+                                                                                          monkeypatch):
+    """--folds 2: two models, each validated on its own half of the engines, each fold's best weights saved; the
+    ensemble's test RMSE is that of the averaged predictions of the saved weights. A crash in fold 2 resumes
+    with --resume_from latest to the same results."""
+    from safetensors.torch import load_file
+
+    from train_dual_task import DualTaskNet, load_cmapss
+
+    args = ["--data_dir", str(small_cmapss), "--batch_size", "64", "--epochs", "2", "--folds", "2"]
+    results = run(tmp_path, *args, name="straight")
+    out = tmp_path / "straight"
+    assert results["folds"] == 2 and [f["fold"] for f in results["per_fold"]] == [1, 2]
+    val_engines = [set(f["val_engines"]) for f in results["per_fold"]]
+    assert not val_engines[0] & val_engines[1] and val_engines[0] | val_engines[1] == set(range(1, 11))
+    assert not (out / "model.safetensors").exists() and (out / "test_predictions.png").is_file()
+    cfg = Config(data_dir=str(small_cmapss), folds=2, conv_channels=16, hidden_size=16, gru_layers=1)
+    predictions = []
+    for fold in range(2):
+        assert json.loads((out / f"fold_{fold + 1}" / "results.json").read_text()) == results["per_fold"][fold]
+        model = DualTaskNet(num_features=15, cfg=cfg).eval()
+        model.load_state_dict(load_file(out / f"fold_{fold + 1}" / "model.safetensors"))
+        test = load_cmapss(cfg, fold)["test"]  # normalised with this fold's training engines
+        with torch.no_grad():
+            pred = (model(test.x)[0] * cfg.rul_cap).clamp(0, cfg.rul_cap)
+        assert torch.sqrt(((pred - test.rul) ** 2).mean()).item() == pytest.approx(results["per_fold"][fold]["test_rmse"],
+                                                                                  rel=1e-5)
+        predictions.append(pred)
+    ensemble = torch.stack(predictions).mean(0)
+    assert results["test_rmse"] == pytest.approx(torch.sqrt(((ensemble - test.rul) ** 2).mean()).item(), rel=1e-5)
+    assert json.loads((out / "results.json").read_text())["test_rmse"] == results["test_rmse"]
+
+    real_evaluate, calls = train_dual_task.evaluate, {"n": 0}
+
+    def crash_in_fold_2_epoch_2(*a, **k):  # fold 1: 2 epochs x 2 validation scores + the test = 5 calls
+        calls["n"] += 1
+        if calls["n"] == 8:  # fold 2, epoch 2's validation: after fold 2's epoch-1 checkpoint
+            raise RuntimeError("injected crash")
+        return real_evaluate(*a, **k)
+
+    monkeypatch.setattr(train_dual_task, "evaluate", crash_in_fold_2_epoch_2)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        run(tmp_path, *args, name="crashed")
+    assert not (tmp_path / "crashed" / "results.json").exists()
+    monkeypatch.setattr(train_dual_task, "evaluate", real_evaluate)
+    resumed = run(tmp_path, *args, "--resume_from", "latest", name="crashed")
+    timing = ("wall_seconds", "train_samples_per_second", "peak_memory_mb")
+    strip = lambda r: {k: v for k, v in r.items() if k not in timing}  # noqa: E731
+    assert [strip(f) for f in resumed["per_fold"]] == [strip(f) for f in results["per_fold"]]
+    assert resumed["test_rmse"] == results["test_rmse"]
