@@ -112,6 +112,7 @@ class Config:
     keep_checkpoints: int = setting(2, "how many recent checkpoints to keep", at_least(1))
     resume_from: str | None = setting(None, "'latest' or a checkpoint folder", NON_EMPTY)
     report_to: str = setting("none", "Accelerate tracker: none, tensorboard, wandb, ...", TRACKER)
+    num_threads: int = setting(0, "PyTorch CPU threads per process (0: PyTorch's default, one per core)", between(0, 1024))
 
     def __post_init__(self):  # every field in its domain, then the rules that tie fields together
         check_domains(self)
@@ -740,6 +741,8 @@ RUN_OUTPUTS = ["config.yaml", "results.json", "metrics.jsonl", "model.safetensor
 
 def main(argv=None):
     cfg = parse_config(Config, argv, description=__doc__.split("\n")[0])  # every setting checked against its domain
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
     wall_start = time.perf_counter()
     try:
         accelerator = Accelerator(

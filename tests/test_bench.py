@@ -32,6 +32,15 @@ def test_overhead_bench_prints_the_ratio():
     assert 0.2 < ratio < 20
 
 
+def test_threads_bench_prints_a_row_per_setting(small_cmapss):
+    proc = subprocess.run([sys.executable, "bench/threads.py", "--threads", "1", "--epochs", "1", "--extra", "--data_dir",
+                           str(small_cmapss), "--conv_channels", "8", "--hidden_size", "8", "--gru_layers", "1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, check=True)
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| 1 |")]
+    assert [row.split("|")[2].strip() for row in rows] == ["alone", "busy"]
+    assert all(float(row.split("|")[4].replace(",", "")) > 0 for row in rows)
+
+
 def test_gpu_check_tiny_runs_every_check_a_cpu_can_and_reports_them(tmp_path):
     """`bench/gpu_check.py --tiny`: the scripts under single_gpu.yaml and fsdp.yaml (1 process) each fall back to
     fp32 at the forced NaN with the LR halved and finish; the LLaVA adapter reloads to the same P(Yes); both
