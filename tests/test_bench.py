@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,10 +20,14 @@ def test_accuracy_bench_prints_a_table_row_per_subset(tmp_path, small_cmapss):
          "--data_dir", str(small_cmapss)],
         cwd=REPO, capture_output=True, text=True, timeout=300, check=True)
     header, rule, row = proc.stdout.strip().splitlines()[-3:]
-    assert header.startswith("| subset | seeds | test RMSE |") and "peak memory (MB)" in header
+    assert header.startswith("| subset | seeds | folds | test RMSE |") and "peak memory (MB)" in header
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[:2] == ["FD001", "2"] and len(cells) == len(header.strip("|").split("|"))
-    assert all("±" in c for c in cells[2:4])  # mean ± std over the two seeds
+    folds = yaml.safe_load((REPO / "configs" / "fd001.yaml").read_text()).get("folds", 1)  # the shipped config's
+    assert cells[:3] == ["FD001", "2", str(folds)] and len(cells) == len(header.strip("|").split("|"))
+    assert all("±" in c for c in cells[3:6])  # mean ± std over the two seeds
+    runs = [json.loads((tmp_path / f"FD001_seed{seed}" / "results.json").read_text()) for seed in (1, 2)]
+    one_model = sum(r.get("fold_test_rmse_mean", r["test_rmse"]) for r in runs) / 2  # the 'one model' column's mean
+    assert cells[5].startswith(f"{one_model:.2f} ±")
 
 
 def test_overhead_bench_prints_the_ratio():
