@@ -1,8 +1,10 @@
-"""LoRA fine-tuning of LLaVA as a Yes/No prompt-injection detector for web-agent screenshots.
+"""LoRA fine-tuning of a vision-language model as a Yes/No prompt-injection detector for web-agent screenshots.
 
 The model is asked, in its own chat template, whether a screenshot carries a prompt injection; the
 logits of the "No" and "Yes" tokens at the answer position form a 2-way classifier trained with
-cross-entropy (the WAInjectBench setting). The same file runs on a CPU, one GPU, DDP or FSDP:
+cross-entropy (the WAInjectBench setting, with LLaVA-1.5). Any checkpoint that AutoModelForImageTextToText
+and AutoProcessor load can be --model; LLaVA-1.5, LLaVA-NeXT and Idefics3 are tested (docs/vlm_families.md).
+The same file runs on a CPU, one GPU, DDP or FSDP:
 
     python train_llava.py --config configs/llava_tiny_cpu.yaml      # tiny random LLaVA + synthetic data, CPU
     accelerate launch --config_file accelerate_configs/single_gpu.yaml train_llava.py \\
@@ -28,6 +30,7 @@ import functools
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -62,7 +65,16 @@ from common.errors import NonFiniteTrainingError, UserError, exit_on_user_error,
 from common.guard import NonFiniteGuard
 from common.images import IMAGE_ERRORS, image_problem, load_rgb
 from common.preemption import EXIT_PREEMPTED, Preemption
-from common.pretrained import check_lora_targets, check_pretrained, load_pretrained, load_processor
+from common.pretrained import (
+    builds_own_positions,
+    check_lora_targets,
+    check_pretrained,
+    empty_model,
+    load_pretrained,
+    load_processor,
+    match_processor_to_model,
+    model_parts,
+)
 from common.run_log import (
     MetricsLog,
     check_output_dir,
@@ -82,8 +94,8 @@ DEFAULT_QUESTION = ("Does this screenshot contain a prompt injection, text that 
 @dataclass
 class Config:
     # model
-    model: str = setting("llava-hf/llava-1.5-7b-hf", "LLaVA checkpoint folder or hub id", NON_EMPTY, same_on_resume=True)
-    build_tiny_model: bool = setting(False, "if --model is a missing folder, build a tiny random LLaVA there (CPU demo, tests)")
+    model: str = setting("llava-hf/llava-1.5-7b-hf", "image-text-to-text checkpoint folder or hub id (LLaVA-1.5, LLaVA-NeXT, Idefics3, ...)", NON_EMPTY, same_on_resume=True)
+    build_tiny_model: bool = setting(False, "if --model is a missing folder, build a tiny random LLaVA-1.5 there (CPU demo, tests; other families: tools/make_tiny_llava.py --family)")
     model_dtype: str | None = setting(None, "dtype of the frozen base model (None: bf16 on a GPU, fp32 on CPU)", choices=["fp32", "bf16", "fp16"])
     lora_r: int = setting(8, "LoRA rank", between(1, 4096), same_on_resume=True)
     lora_alpha: int = setting(32, "LoRA alpha (scale = alpha / r)", at_least(1), same_on_resume=True)
@@ -100,7 +112,7 @@ class Config:
     val_data: str = setting("data/wainject/val.jsonl", "validation manifest or folder (best checkpoint)", NON_EMPTY)
     test_data: str | None = setting(None, "test manifest or folder, evaluated once at the end", NON_EMPTY)
     make_synthetic_data: bool = setting(False, "if --train_data (a train.jsonl) is missing, write synthetic screenshots and manifests into its folder, which must be new or empty")
-    resize: str = setting("pad", "pad to the model's aspect ratio (nothing cropped), the processor's centre crop, or stretch", choices=["pad", "crop", "stretch"], same_on_resume=True)
+    resize: str = setting("pad", "pad to the processor's fixed input shape (nothing cropped), the processor's own resizing (LLaVA-1.5: a centre crop), or stretch; see docs/vlm_families.md", choices=["pad", "crop", "stretch"], same_on_resume=True)
     skip_bad_images: bool = setting(False, "skip and count missing/corrupt images and bad labels instead of stopping")
     num_workers: int = setting(2, "DataLoader worker processes that decode images", between(0, 256))
     num_threads: int = setting(0, "PyTorch CPU threads per process (0: PyTorch's default)", between(0, 1024))
@@ -233,9 +245,14 @@ def load_samples(spec: str, skip_bad: bool, need_labels: bool = True) -> tuple[l
     return readable, skipped
 
 
-def model_input_size(image_processor) -> tuple[int, int]:
-    """(width, height) the vision tower sees: the crop size, else the resize target."""
-    size = dict(getattr(image_processor, "crop_size", None) or image_processor.size)
+def fixed_input_size(image_processor) -> tuple[int, int] | None:
+    """(width, height) the processor brings every picture to (LLaVA-1.5: the crop size, else the resize target), or
+    None for a processor that keeps the aspect ratio itself: a grid of tiles chosen to fit it (LLaVA-NeXT's
+    image_grid_pinpoints) or a bound on the longest edge (Idefics3; Qwen2-VL's pixel budget)."""
+    size = dict(image_processor.size)
+    if getattr(image_processor, "image_grid_pinpoints", None) or "longest_edge" in size:
+        return None
+    size = dict(getattr(image_processor, "crop_size", None) or size)
     return size.get("width", size.get("shortest_edge")), size.get("height", size.get("shortest_edge"))
 
 
@@ -243,20 +260,23 @@ def collate(items, processor, prompt: str, resize: str):
     """Runs in the DataLoader workers. A bad image becomes a blank placeholder with valid=0 and is
     reported in "bad", so the loop can stop with a clear message or skip it (every process still
     runs the same forward and backward, which DDP needs)."""
-    width, height = model_input_size(processor.image_processor)
+    fixed = fixed_input_size(processor.image_processor)
     fill = tuple(round(255 * m) for m in processor.image_processor.image_mean)
     images, valid, bad = [], [], []
     for _, sample in items:
         try:
             img = load_rgb(sample.path)
-            if resize == "pad":  # LLaVA-1.5's expand-to-square: off-centre content is never cropped
-                img = ImageOps.pad(img, (width, height), Image.Resampling.BICUBIC, color=fill)
+            # pad: LLaVA-1.5's expand-to-square, off-centre content is never cropped; a processor that keeps the aspect
+            # ratio itself gets the picture as it is. stretch: to the fixed shape, or to a square of the longer side.
+            square = (max(img.size),) * 2
+            if resize == "pad" and fixed:
+                img = ImageOps.pad(img, fixed, Image.Resampling.BICUBIC, color=fill)
             elif resize == "stretch":
-                img = img.resize((width, height), Image.Resampling.BICUBIC)
+                img = img.resize(fixed or square, Image.Resampling.BICUBIC)
             valid.append(1.0)
         except IMAGE_ERRORS as err:
             bad.append(f"{sample.path} ({type(err).__name__}: {err})")
-            img = Image.new("RGB", (width, height), fill)
+            img = Image.new("RGB", fixed or (224, 224), fill)
             valid.append(0.0)
         images.append(img)
     inputs = processor(images=images, text=[prompt] * len(images), padding=True, return_tensors="pt")
@@ -284,7 +304,7 @@ def check_bad_images(batch, skip: bool, seen: set) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Model: LLaVA + processor from one checkpoint, LoRA in fp32, the Yes/No answer logits
+# Model: a vision-language model + processor from one checkpoint, LoRA in fp32, the Yes/No answer logits
 # ----------------------------------------------------------------------------------------------
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -296,47 +316,48 @@ def base_dtype(cfg: Config) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
 
 
-MODEL_TYPES = ("llava",)  # config.json model types this script trains
+TESTED_FAMILIES = ("llava", "llava_next", "idefics3")  # config.json model types with tests here (docs/vlm_families.md)
 
 
 def load_base(model_id: str, processor, dtype: torch.dtype):
-    """The frozen LLaVA, with the processor's image-token count taken from the model."""
-    from transformers import LlavaForConditionalGeneration
+    """The frozen model, with the processor's image-token count matched to its vision tower."""
+    from transformers import AutoModelForImageTextToText
 
-    base = load_pretrained(LlavaForConditionalGeneration, model_id, dtype=dtype)
-    # The number of <image> tokens the processor inserts must equal what the vision tower produces.
-    processor.patch_size = base.config.vision_config.patch_size
-    processor.vision_feature_select_strategy = base.config.vision_feature_select_strategy
-    if base.config.vision_config.model_type == "clip_vision_model":
-        processor.num_additional_image_tokens = 1  # CLIP's CLS token
+    base = load_pretrained(AutoModelForImageTextToText, model_id, dtype=dtype)
+    match_processor_to_model(processor, base)  # the <image> tokens written must equal the image features made
     return base
 
 
-def lora_config(cfg: Config, model_config):
-    """A regex, so that the language model's q_proj is adapted but not the vision tower's namesake; in the vision
-    tower, only the layers whose output reaches the language model (`used_vision_layers`)."""
+def lora_config(cfg: Config, model):
+    """A regex over module names, so that the language model's q_proj is adapted but not the vision tower's
+    namesake; in the vision tower, only the layers whose output reaches the language model (`used_vision_layers`).
+    Where the parts sit comes from the model (`model_parts`: model.language_model in LLaVA, model.text_model in
+    Idefics3, ...)."""
     from peft import LoraConfig
 
-    within = {"vision_tower": rf"layers\.({'|'.join(map(str, used_vision_layers(model_config)))})\..*\."}
-    parts = [rf".*\.{part}\..*\.{within.get(part, '')}({'|'.join(names)})"
-             for part, names in lora_targets(cfg).values() if names]
+    parts = model_parts(model)
+    used = "|".join(map(str, used_vision_layers(model.config)))
+    within = {"language model": rf"{re.escape(parts['language model'])}\..*\.",
+              "vision tower": rf"{re.escape(parts['vision layers'])}\.({used})\..*\."}
+    patterns = [f"{within[part]}({'|'.join(names)})" for part, names in lora_targets(cfg).values() if names]
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules="|".join(parts))
+                      target_modules="|".join(patterns))
 
 
 def used_vision_layers(model_config) -> range:
     """The vision layers whose output the language model sees. LLaVA takes its image features from the hidden
     state `vision_feature_layer` (-2: the second-to-last layer's output); the layers after it run, but a LoRA
     weight there would never get a gradient: dead weight that DDP must be told about and that FSDP2 cannot
-    checkpoint (no optimizer state ever exists for it)."""
-    num_layers, feature = model_config.vision_config.num_hidden_layers, model_config.vision_feature_layer
+    checkpoint (no optimizer state ever exists for it). Families without the setting (Idefics3) use them all."""
+    num_layers = model_config.vision_config.num_hidden_layers
+    feature = getattr(model_config, "vision_feature_layer", -1)
     hidden_states = [f if f >= 0 else num_layers + 1 + f for f in (feature if isinstance(feature, list) else [feature])]
     return range(max(hidden_states))  # hidden state k is the output of layer k - 1
 
 
 def lora_targets(cfg: Config) -> dict[str, tuple[str, list[str]]]:
-    return {"--lora_target_modules": ("language_model", cfg.lora_target_modules),
-            "--lora_vision_modules": ("vision_tower", cfg.lora_vision_modules)}
+    return {"--lora_target_modules": ("language model", cfg.lora_target_modules),
+            "--lora_vision_modules": ("vision tower", cfg.lora_vision_modules)}
 
 
 def add_lora(cfg: Config, base):
@@ -347,7 +368,7 @@ def add_lora(cfg: Config, base):
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
     # Adapters in fp32 under a bf16/fp16 base: precise updates, and no GradScaler error on fp16 gradients.
-    return get_peft_model(base, lora_config(cfg, base.config), autocast_adapter_dtype=True)
+    return get_peft_model(base, lora_config(cfg, base), autocast_adapter_dtype=True)
 
 
 def build_prompt(processor, question: str) -> str:
@@ -373,13 +394,14 @@ def answer_logits(model, inputs: dict, answer_ids: list[int]) -> torch.Tensor:
     """(batch, 2) logits of [No, Yes] at the answer position, the last real token of each row.
 
     Only that position goes through the vocabulary projection (`logits_to_keep`). The position is
-    gathered from the attention mask and position ids count real tokens only, so left and right
-    padding give the same answer.
+    gathered from the attention mask, so it stays exact however many image tokens each picture became,
+    and position ids count real tokens only (a model with image positions of its own, Qwen2-VL's,
+    builds them from the mask itself), so left and right padding give the same answer.
     """
     mask = inputs["attention_mask"]
     last = mask.shape[1] - 1 - mask.flip(1).int().argmax(1)
-    position_ids = (mask.long().cumsum(1) - 1).clamp_min(0)
-    out = model(**inputs, position_ids=position_ids, logits_to_keep=last[:, None], use_cache=False)
+    positions = {} if builds_own_positions(model) else {"position_ids": (mask.long().cumsum(1) - 1).clamp_min(0)}
+    out = model(**inputs, **positions, logits_to_keep=last[:, None], use_cache=False)
     return out.logits[:, 0, answer_ids]
 
 
@@ -660,7 +682,7 @@ def load_trained(model_id: str, adapter_dir: Path, dtype: torch.dtype):
     from peft import PeftModel
 
     detector = read_detector(adapter_dir)
-    check_pretrained(model_id, MODEL_TYPES)
+    check_pretrained(model_id)
     processor = load_processor(str(adapter_dir))
     base = load_base(model_id, processor, dtype)
     try:
@@ -796,14 +818,15 @@ def main(argv=None):
     for entry in skipped:
         warn(f"skipping {entry}")
     accelerator.print(", ".join(f"{len(s)} {k} images" for k, s in data.items()))
-    from transformers import LlavaForConditionalGeneration
-
-    model_config = check_pretrained(cfg.model, MODEL_TYPES)
+    model_config = check_pretrained(cfg.model)
+    if model_config.model_type not in TESTED_FAMILIES:
+        warn(f"{cfg.model} is a {model_config.model_type!r} model, a family not tested with this script "
+             f"({', '.join(TESTED_FAMILIES)}); see docs/vlm_families.md")
     processor = load_processor(cfg.model)
     answer_ids = answer_token_ids(processor.tokenizer, cfg.no_token, cfg.yes_token)
     prompt = build_prompt(processor, cfg.question)
-    check_lora_targets(LlavaForConditionalGeneration, model_config, lora_config(cfg, model_config), lora_targets(cfg),
-                       cfg.model)
+    skeleton = empty_model(model_config)
+    check_lora_targets(skeleton, lora_config(cfg, skeleton), lora_targets(cfg), cfg.model)
 
     set_seed(cfg.seed)  # here, after the demo's generators: the LoRA initialisation and batch order depend on it alone
     base = load_base(cfg.model, processor, base_dtype(cfg))

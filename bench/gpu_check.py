@@ -1,6 +1,7 @@
 """One command that checks, on a GPU, what this project promises there, and measures LLaVA LoRA training.
 
     python bench/gpu_check.py              # any CUDA machine (the 7B bf16 weights alone are 13.2 GiB)
+    python bench/gpu_check.py --families llava_next    # part 2 on one family only
     python bench/gpu_check.py --tiny       # everything a CPU can run, with tiny models, in about a minute (tested)
     python bench/gpu_check.py --skip_throughput    # only the training checks (any GPU, a few GB)
 
@@ -15,9 +16,11 @@ its runs one after another; tiny settings), each run with one forced non-finite 
     the run's own validation P(Yes).
 Part 2, LoRA training throughput on LLaVA-1.5-7B's architecture with random weights (CLIP ViT-L/14 at
 336 px: 576 image tokens; a Llama-2-7B-sized language model; built locally, nothing is downloaded:
-speed and memory do not depend on the weights' values). Batch 8, gradient checkpointing, bf16 base,
-fp32 LoRA (r 8 on the language model's attention and MLP projections), fused AdamW. Two arms, run one
-after the other in this process:
+speed and memory do not depend on the weights' values), then on LLaVA-NeXT-7B's (llava-v1.6-vicuna-7b:
+the same towers, but each screenshot is cut into up to 4 tiles of 336 px chosen to fit its aspect ratio,
+plus the whole picture, so that its image-token count depends on the picture's shape). Batch 8, gradient
+checkpointing, bf16 base, fp32 LoRA (r 8 on the language model's attention and MLP projections), fused
+AdamW. Two arms per architecture, run one after the other in this process:
   - this project: train_llava.py's own pieces: images decoded and processed in DataLoader workers,
     the answer logits computed only at the answer position (logits_to_keep), non-reentrant checkpointing;
   - a baseline built the way the public WAInjectBench loop does it: images opened and processed inside
@@ -25,14 +28,15 @@ after the other in this process:
     checkpointing. Everything else (model, LoRA, loss, optimizer, batch) is the same.
   MFU = model FLOPs per second / the GPU's peak dense bf16 FLOP/s. Model FLOPs per sample = 2 x F, F =
   the forward's matmul FLOPs: 2 x (weights of every linear layer) x (tokens through it) + the attention
-  products 4 x layers x tokens^2 x width, for the vision layers whose output the language model uses,
-  the projector and the language model, and the vocabulary projection at one position (what the task
-  needs). The backward of a frozen weight costs one more F (the input gradient; no weight gradient);
+  products 4 x layers x tokens^2 x width, for the vision layers whose output the language model uses
+  (once per tile for LLaVA-NeXT), the projector and the language model, and the vocabulary projection at
+  one position (what the task needs), summed over the measured samples, each with its own token count.
+  The backward of a frozen weight costs one more F (the input gradient; no weight gradient);
   recomputation is not counted (as in PaLM's definition), nor are LoRA's own FLOPs (under 1%).
   Targets on an H100: >= 1.3x the baseline's samples/s, <= 0.7x its peak memory, MFU >= 40%.
 
-With --tiny, part 2 runs the same two arms on a tiny LLaVA on the CPU (samples/s only: no GPU memory,
-no peak FLOP/s). fp16 rows need CUDA (Accelerate refuses fp16 autocast on a CPU): --tiny lists them as
+With --tiny, part 2 runs the same two arms on a tiny LLaVA and a tiny LLaVA-NeXT on the CPU (samples/s
+only: no GPU memory, no peak FLOP/s). fp16 rows need CUDA (Accelerate refuses fp16 autocast on a CPU): --tiny lists them as
 skipped. The exit code is 0 when every check passed, 1 otherwise.
 """
 
@@ -253,9 +257,10 @@ def print_training_table(rows: list[dict], reload: dict) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def llava_config(tiny: bool, tokenizer):
-    """LLaVA-1.5-7B's architecture (llava-hf/llava-1.5-7b-hf's config.json), or a tiny one for the CPU."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+def llava_config(tiny: bool, tokenizer, family: str = "llava"):
+    """LLaVA-1.5-7B's architecture (llava-hf/llava-1.5-7b-hf's config.json), LLaVA-NeXT-7B's
+    (llava-hf/llava-v1.6-vicuna-7b-hf's: the same towers and projector, plus the anyres tile grid), or tiny ones."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig
 
     if tiny:
         vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=64,
@@ -266,19 +271,54 @@ def llava_config(tiny: bool, tokenizer):
                       image_size=336, patch_size=14)
         text = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32)
     image_tokens = (vision["image_size"] // vision["patch_size"]) ** 2
-    return LlavaConfig(
+    size = vision["image_size"]
+    anyres = {"image_grid_pinpoints": [[size, 2 * size], [2 * size, size], [2 * size, 2 * size], [3 * size, size],
+                                       [size, 3 * size]]} if family == "llava_next" else {}
+    return (LlavaNextConfig if family == "llava_next" else LlavaConfig)(
         vision_config=CLIPVisionConfig(**vision, projection_dim=768),
         text_config=LlamaConfig(**text, num_key_value_heads=text["num_attention_heads"],
                                 vocab_size=len(tokenizer) if tiny else 32064,
                                 max_position_embeddings=4096, pad_token_id=tokenizer.pad_token_id,
                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"), image_seq_length=image_tokens,
-        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu", **anyres,
     )
 
 
-def model_flops_per_sample(config, text_tokens: int) -> float:
-    """2 x forward matmul FLOPs (see the module docstring), from the config alone."""
+def processor_for(config, tokenizer):
+    """The family's processor around the tiny model's word-level tokenizer (about one token per word, as Llama's)."""
+    from transformers import CLIPImageProcessor, LlavaNextImageProcessor, LlavaNextProcessor, LlavaProcessor
+
+    from tools.make_tiny_llava import CHAT_TEMPLATE
+
+    tokenizer.padding_side = "left"  # as train_llava's load_processor: the baseline reads the answer at the last column
+    size = config.vision_config.image_size
+    sizes = {"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size}}
+    if config.model_type == "llava_next":
+        image_processor = LlavaNextImageProcessor(**sizes, image_grid_pinpoints=config.image_grid_pinpoints)
+        processor_class = LlavaNextProcessor
+    else:
+        image_processor, processor_class = CLIPImageProcessor(**sizes), LlavaProcessor
+    return processor_class(image_processor=image_processor, tokenizer=tokenizer, patch_size=config.vision_config.patch_size,
+                           vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                           chat_template=CHAT_TEMPLATE)
+
+
+def tiles_per_sample(config, inputs) -> list[int]:
+    """How many tiles of each screenshot the vision tower sees: 1 for LLaVA-1.5; for LLaVA-NeXT the anyres grid that
+    fits the picture's shape, plus the whole picture (the batch's padding tiles are dropped before the tower)."""
+    if config.model_type != "llava_next":
+        return [1] * len(inputs["input_ids"])
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    return [image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
+            for size in inputs["image_sizes"].tolist()]
+
+
+def model_flops_per_sample(config, text_tokens: int, image_tokens: int | None = None, tiles: int = 1) -> float:
+    """2 x forward matmul FLOPs (see the module docstring), from the config and the sample's token counts: LLaVA-1.5
+    turns a picture into one tile's patches; LLaVA-NeXT runs the vision tower and the projector on every tile
+    (`tiles`), then keeps `image_tokens` of their features (the padding cut off, a newline per row added)."""
     import train_llava
 
     v, t = config.vision_config, config.text_config
@@ -287,15 +327,15 @@ def model_flops_per_sample(config, text_tokens: int) -> float:
     vision_per_layer = 2 * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size) * vision_tokens \
         + 4 * vision_tokens**2 * v.hidden_size
     patch_embed = 2 * 3 * v.patch_size**2 * v.hidden_size * (vision_tokens - 1)
-    image_tokens = vision_tokens - 1
-    projector = 2 * (v.hidden_size * t.hidden_size + t.hidden_size**2) * image_tokens
-    lm_tokens = image_tokens + text_tokens
+    projector = 2 * (v.hidden_size * t.hidden_size + t.hidden_size**2) * (vision_tokens - 1)
+    lm_tokens = (vision_tokens - 1 if image_tokens is None else image_tokens) + text_tokens
     head_dim = t.hidden_size // t.num_attention_heads
     attention_weights = t.hidden_size * head_dim * (2 * t.num_attention_heads + 2 * t.num_key_value_heads)
     lm_per_layer = 2 * (attention_weights + 3 * t.hidden_size * t.intermediate_size) * lm_tokens \
         + 4 * lm_tokens**2 * t.hidden_size
     vocabulary = 2 * t.hidden_size * t.vocab_size  # one position
-    forward = patch_embed + vision_layers * vision_per_layer + projector + t.num_hidden_layers * lm_per_layer + vocabulary
+    forward = tiles * (patch_embed + vision_layers * vision_per_layer + projector) + t.num_hidden_layers * lm_per_layer \
+        + vocabulary
     return 2.0 * forward
 
 
@@ -309,18 +349,18 @@ def build_lora_model(arm: str, config, cfg, device):
     """The same random bf16 weights for both arms (seed 0) and the same LoRA; the project arm through
     train_llava.add_lora itself (non-reentrant checkpointing), the baseline with reentrant checkpointing."""
     from peft import get_peft_model
-    from transformers import LlavaForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
     import train_llava
 
     torch.manual_seed(0)
     with torch.device(device):
-        base = LlavaForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+        base = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
     if arm == "project":
         return train_llava.add_lora(cfg, base)
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     base.enable_input_require_grads()  # reentrant checkpointing needs an input that requires grad
-    return get_peft_model(base, train_llava.lora_config(cfg, base.config), autocast_adapter_dtype=True)
+    return get_peft_model(base, train_llava.lora_config(cfg, base), autocast_adapter_dtype=True)
 
 
 def throughput_arm(arm: str, accelerator, config, processor, samples, batch_size: int, steps: int, warmup: int,
@@ -344,7 +384,7 @@ def throughput_arm(arm: str, accelerator, config, processor, samples, batch_size
         while True:
             yield from loader
 
-    sequence_length = None
+    sequence_length, measured = None, []  # the timed batches' token ids, masks and image sizes
     torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
     for step, batch in enumerate(batches(loader)):
         if step == warmup:
@@ -367,35 +407,42 @@ def throughput_arm(arm: str, accelerator, config, processor, samples, batch_size
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sequence_length = batch["inputs"]["input_ids"].shape[1]
+        if step >= warmup:  # counted after the clock stops: reading them now would sync with the GPU every step
+            measured.append({k: v for k, v in batch["inputs"].items() if k in ("input_ids", "attention_mask", "image_sizes")})
     torch.cuda.synchronize() if torch.cuda.is_available() else None
     seconds = time.perf_counter() - start
     if not torch.isfinite(loss):
         raise RuntimeError(f"{arm}: the loss is {loss.item()}")
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-    text_tokens = sequence_length - config.image_seq_length
     del model, optimizer, loader
     accelerator.free_memory()  # drops the accelerator's references to this arm's model, then empties the cache
-    return {"arm": arm, "batch_size": batch_size, "samples_per_second": steps * batch_size / seconds, "peak_gib": peak,
-            "sequence_length": sequence_length, "text_tokens": text_tokens}
+    counts = []  # (text tokens, image tokens, tiles) of each timed screenshot
+    for inputs in measured:
+        image = (inputs["input_ids"] == config.image_token_id).sum(1).tolist()
+        counts += [(real - i, i, n) for real, i, n in zip(inputs["attention_mask"].sum(1).tolist(), image,
+                                                            tiles_per_sample(config, inputs))]
+    flops = sum(model_flops_per_sample(config, text, image, tiles) for text, image, tiles in counts)
+    return {"arm": arm, "family": config.model_type, "batch_size": batch_size,
+            "samples_per_second": steps * batch_size / seconds, "peak_gib": peak, "sequence_length": sequence_length,
+            "text_tokens": sum(c[0] for c in counts) / len(counts),
+            "image_tokens": sum(c[1] for c in counts) / len(counts), "model_tflops": flops / seconds / 1e12}
 
 
-def throughput(tiny: bool, workdir: Path, args) -> list[dict]:
+FAMILY_NAMES = {"llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT"}  # part 2's architectures
+
+
+def throughput(tiny: bool, family: str, workdir: Path, args) -> list[dict]:
     from accelerate import Accelerator
-    from transformers import CLIPImageProcessor, LlavaProcessor
 
     import train_llava
     from tools.make_synthetic_screenshots import make_dataset
-    from tools.make_tiny_llava import CHAT_TEMPLATE, build_tokenizer
+    from tools.make_tiny_llava import build_tokenizer
 
     tokenizer = build_tokenizer()  # word-level: about one token per word of the question, as Llama's tokenizer
-    config = llava_config(tiny, tokenizer)
-    size = config.vision_config.image_size
-    processor = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": size},
-                                                                  crop_size={"height": size, "width": size}),
-                               tokenizer=tokenizer, patch_size=config.vision_config.patch_size,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                               chat_template=CHAT_TEMPLATE)
-    data = make_dataset(workdir / "throughput_screenshots", {"train": args.batch_size * 4}, seed=1)
+    config = llava_config(tiny, tokenizer, family)
+    processor = processor_for(config, tokenizer)
+    folder = workdir / "throughput_screenshots"  # the same screenshots for every family
+    data = folder if folder.exists() else make_dataset(folder, {"train": args.batch_size * 4}, seed=1)
     samples, _ = train_llava.load_samples(str(data / "train.jsonl"), skip_bad=False)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16")
     rows = [throughput_arm(arm, accelerator, config, processor, samples, args.batch_size, args.steps, args.warmup,
@@ -403,17 +450,17 @@ def throughput(tiny: bool, workdir: Path, args) -> list[dict]:
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     peak = peak_tflops(name, args.peak_tflops) if torch.cuda.is_available() else None
     for row in rows:
-        flops = model_flops_per_sample(config, row["text_tokens"]) * row["samples_per_second"]
-        row |= {"device": name, "model_tflops": flops / 1e12, "mfu": flops / (peak * 1e12) if peak else None,
-                "peak_tflops": peak}
+        row |= {"device": name, "mfu": row["model_tflops"] / peak if peak else None, "peak_tflops": peak}
     return rows
 
 
 def print_throughput_table(rows: list[dict], tiny: bool) -> None:
     project, baseline = rows
-    what = "a tiny LLaVA (CPU)" if tiny else "LLaVA-1.5-7B architecture, random weights"
+    family = FAMILY_NAMES[project["family"]]
+    what = f"a tiny {family} (CPU)" if tiny else f"{family}-7B architecture, random weights"
     print(f"\nLoRA training throughput, {what}, device {project['device']}, batch {project['batch_size']}, "
-          f"sequence {project['sequence_length']} tokens ({project['sequence_length'] - project['text_tokens']} image):")
+          f"{project['text_tokens'] + project['image_tokens']:.0f} tokens per sample ({project['image_tokens']:.0f} "
+          f"image, mean), padded batches of up to {project['sequence_length']} tokens:")
     print("| loop | samples/s | peak GPU memory (GiB) | model TFLOP/s | MFU |")
     print("|---|---|---|---|---|")
     for r in rows:
@@ -432,6 +479,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny models on whatever device there is (CPU: ~1 minute)")
     parser.add_argument("--skip_throughput", action="store_true", help="only part 1, the training checks")
+    parser.add_argument("--families", nargs="+", default=list(FAMILY_NAMES), choices=list(FAMILY_NAMES),
+                        help="throughput: the architectures to measure (default: both)")
     parser.add_argument("--batch_size", type=int, default=8, help="throughput: screenshots per step")
     parser.add_argument("--steps", type=int, default=None, help="throughput: measured steps per arm (default 10; tiny 2)")
     parser.add_argument("--warmup", type=int, default=None, help="throughput: steps before the clock starts (default 2; tiny 1)")
@@ -466,15 +515,18 @@ def main() -> int:
         print_training_table(rows, reload)
         print(f"part 1: {time.perf_counter() - start:.0f} s")
         ok = all(r["ok"] is not False for r in rows) and reload["ok"]
-        speed = []
+        speed = {}
         if not args.skip_throughput:
             start = time.perf_counter()
-            speed = throughput(args.tiny, workdir, args)
-            print_throughput_table(speed, args.tiny)
+            for family in args.families:
+                speed[family] = throughput(args.tiny, family, workdir, args)
+                print_throughput_table(speed[family], args.tiny)
             print(f"part 2: {time.perf_counter() - start:.0f} s")
-        if args.json:
+        if args.json:  # "throughput": LLaVA-1.5's two arms; "throughput_llava_next": LLaVA-NeXT's
             Path(args.json).write_text(json.dumps({"device": device, "training": rows, "adapter_reload": reload,
-                                                   "throughput": speed, "ok": ok}, indent=1))
+                                                   "throughput": speed.get("llava", []),
+                                                   "throughput_llava_next": speed.get("llava_next", []), "ok": ok},
+                                                  indent=1))
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -1,10 +1,15 @@
 """A user's Hugging Face checkpoint, checked before its weights load: a clear line, not minutes of loading first.
 
 What a wrong `--model` can break is checked from small files: the folder is a checkpoint (config.json),
-its model type is one the script handles, every safetensors file is whole (its header covers the
-file), the processor has a tokenizer, an image processor and a chat template, and the LoRA target
-modules exist (tried with peft on an empty copy of the model: meta tensors, no memory, no weights).
+`AutoModelForImageTextToText` loads its model type and it is decoder-only, every safetensors file is whole
+(its header covers the file), the processor has a tokenizer, an image processor and a chat template, and the
+LoRA target modules exist (tried with peft on an empty copy of the model: meta tensors, no memory, no weights).
 Whatever breaks while reading a user's checkpoint is reported as a problem with that checkpoint.
+
+What differs between vision-language families (LLaVA-1.5, LLaVA-NeXT, Idefics3, ...) is read from the model and
+its processor, never from a list of names: where the language model and the vision tower sit
+(`model_parts`, transformers' own `get_decoder` / `get_encoder` lookups), and how many image tokens the
+processor must write for a picture (`match_processor_to_model`).
 """
 
 from pathlib import Path
@@ -14,10 +19,11 @@ import torch
 from common.errors import UserError, first_line
 
 
-def check_pretrained(model_id: str, model_types: tuple[str, ...]):
+def check_pretrained(model_id: str):
     """The checkpoint's config, once its folder, model type and weight files have passed. Reads no weights."""
     from safetensors import safe_open
     from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
     path = Path(model_id)
     looks_like_a_path = model_id.startswith(("/", ".", "~")) or model_id.count("/") > 1 or "\\" in model_id
@@ -39,9 +45,12 @@ def check_pretrained(model_id: str, model_types: tuple[str, ...]):
     except Exception as err:
         raise UserError(f"cannot read a model config from {model_id!r} ({first_line(err)}); pass a checkpoint "
                         f"folder or hub id") from None
-    if config.model_type not in model_types:
-        raise UserError(f"--model {model_id} is a {config.model_type!r} model; this script trains "
-                        f"{', '.join(model_types)} checkpoints")
+    if config.model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        raise UserError(f"--model {model_id} is a {config.model_type!r} model, which AutoModelForImageTextToText does "
+                        f"not load; pass an image-text-to-text checkpoint (LLaVA, LLaVA-NeXT, Idefics3, ...)")
+    if config.is_encoder_decoder:  # the answer is read at the prompt's last token: a decoder-only model's next token
+        raise UserError(f"--model {model_id} is an encoder-decoder {config.model_type!r} model; the Yes/No answer is "
+                        f"read where a decoder-only model would write its next token: pass a decoder-only checkpoint")
     return config
 
 
@@ -62,26 +71,71 @@ def load_processor(source: str):
     return processor
 
 
-def check_lora_targets(model_class, config, lora_config, targets: dict[str, tuple[str, list[str]]], model_id: str):
-    """Each name in `targets` ({flag: (part of the model, module names)}) is a linear layer of that part, and
-    peft accepts `lora_config`: both tried on an empty copy of the model."""
+def empty_model(config):
+    """The model `config` describes, without memory or weights (meta tensors): for checks before loading."""
     from accelerate import init_empty_weights
-    from peft import get_peft_model
+    from transformers import AutoModelForImageTextToText
 
     with init_empty_weights():
-        skeleton = model_class(config)
+        return AutoModelForImageTextToText.from_config(config)
+
+
+def model_parts(model) -> dict[str, str]:
+    """Where the language model and the vision tower sit in `model` (e.g. model.language_model and model.vision_tower
+    in LLaVA, model.text_model and model.vision_model in Idefics3, model.visual in Qwen2-VL), found with transformers'
+    own lookups, and the list of the vision tower's blocks ("vision layers")."""
+    names = {id(module): name for name, module in model.named_modules()}
+    tower = model.get_encoder(modality="image")
+    # The tower's blocks: its ModuleList as long as the vision config's layer count (CLIP's encoder.layers,
+    # Qwen2-VL's blocks); the whole tower if it has none.
+    depth = getattr(model.config.vision_config, "num_hidden_layers", None)
+    blocks = next((module for module in tower.modules() if isinstance(module, torch.nn.ModuleList) and len(module) == depth),
+                  tower)
+    return {"language model": names[id(model.get_decoder())], "vision tower": names[id(tower)],
+            "vision layers": names[id(blocks)]}
+
+
+def check_lora_targets(skeleton, lora_config, targets: dict[str, tuple[str, list[str]]], model_id: str):
+    """Each name in `targets` ({flag: (part of the model, module names)}) is a linear layer of that part, and
+    peft accepts `lora_config`: both tried on `skeleton`, an empty copy of the model (`empty_model`)."""
+    from peft import get_peft_model
+
+    parts = model_parts(skeleton)
     linear = [name for name, module in skeleton.named_modules() if isinstance(module, torch.nn.Linear)]
     for flag, (part, names) in targets.items():
-        known = sorted({name.rsplit(".", 1)[-1] for name in linear if f".{part}." in name})
+        known = sorted({name.rsplit(".", 1)[-1] for name in linear if name.startswith(parts[part] + ".")})
         for wanted in names:
             if wanted not in known:
-                raise UserError(f"{flag} names {wanted!r}, which is not a linear layer of the {part} of {model_id}; "
-                                f"its linear layers are {', '.join(known)}")
+                raise UserError(f"{flag} names {wanted!r}, which is not a linear layer of the {part} "
+                                f"({parts[part]}) of {model_id}; its linear layers are {', '.join(known)}")
     try:
         get_peft_model(skeleton, lora_config)
     except ValueError as err:
         raise UserError(f"LoRA cannot adapt {model_id} this way ({first_line(err)}); check "
                         f"{' and '.join(targets)}") from None
+
+
+def match_processor_to_model(processor, model) -> None:
+    """A processor that counts a picture's image tokens from the patch grid itself (LLaVA, LLaVA-NeXT) must count
+    what the vision tower produces: patch size, whether the tower's extra CLS token is dropped, and the number of
+    such extra tokens, from the model (older checkpoints' processor configs lack them). Processors that get the
+    count another way (Idefics3's image_seq_len, Qwen2-VL's image_grid_thw) have none of these attributes."""
+    config = model.config
+    if hasattr(processor, "patch_size"):
+        processor.patch_size = config.vision_config.patch_size
+    if hasattr(processor, "vision_feature_select_strategy"):
+        processor.vision_feature_select_strategy = config.vision_feature_select_strategy
+    # Position embeddings beyond the patches are extra tokens: 1 for CLIP's CLS token, 0 for SigLIP.
+    embeddings = next((m for m in model.get_encoder(modality="image").modules()
+                       if hasattr(m, "num_positions") and hasattr(m, "num_patches")), None)
+    if hasattr(processor, "num_additional_image_tokens") and embeddings is not None:
+        processor.num_additional_image_tokens = embeddings.num_positions - embeddings.num_patches
+
+
+def builds_own_positions(model) -> bool:
+    """Whether the model gives image tokens positions of its own, computed from the attention mask (Qwen2-VL's
+    multimodal rotary positions: `get_rope_index`), so that 1-D positions must not be passed to it."""
+    return any(hasattr(module, "get_rope_index") for module in model.modules())
 
 
 def load_pretrained(model_class, model_id: str, **kwargs):

@@ -2,7 +2,9 @@
 
 The tiny model, the screenshots and one full training run are built once per session; most tests
 reuse them. Runs call `main()` in-process (resetting Accelerate's singletons around each call);
-one test goes through the command line to check the exit code and the one-line error.
+one test goes through the command line to check the exit code and the one-line error. The tests of
+the answer position and of padding run for every tested family (LLaVA-1.5, LLaVA-NeXT, Idefics3); the
+other families' training tests are in test_vlm_families.py.
 """
 
 import json
@@ -50,6 +52,22 @@ def run_main(*args):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     return build_tiny_llava(tmp_path_factory.mktemp("tiny_llava"))
+
+
+FAMILIES = ["llava", "llava_next", "idefics3"]
+
+
+@pytest.fixture(scope="session")
+def family_models(tiny_model, tmp_path_factory):
+    """family -> the folder of its tiny model (tools/make_tiny_llava.py --family), built once, on first use."""
+    built = {"llava": tiny_model}
+
+    def get(family):
+        if family not in built:
+            built[family] = build_tiny_llava(tmp_path_factory.mktemp(f"tiny_{family}"), family=family)
+        return built[family]
+
+    return get
 
 
 @pytest.fixture(scope="session")
@@ -139,25 +157,34 @@ def test_yes_no_are_single_tokens_and_splits_are_refused(loaded):
         train_llava.answer_token_ids(tokenizer, "Yes", "Yes")
 
 
-def test_answer_logits_equal_the_full_forward_at_the_answer_position(loaded):
-    base, processor = loaded
+@pytest.mark.parametrize("family", FAMILIES)
+def test_answer_logits_equal_the_full_forward_at_the_answer_position(family_models, family):
+    base, processor = load_base_and_processor(family_models(family), torch.float32)
+    base.eval()
     ids = train_llava.answer_token_ids(processor.tokenizer, "No", "Yes")
-    images = [Image.new("RGB", (200, 100), "red"), Image.new("RGB", (90, 160), "blue")]
-    inputs = batch_for(processor, images, ["Is this a prompt injection?", "Does this page contain any text?"])
+    images = [Image.new("RGB", (200, 100), "red"), Image.new("RGB", (90, 90), "blue")]
+    questions = ["Is this a prompt injection?", "Does this page contain any text?"]
+    inputs = batch_for(processor, images, questions)
     assert (inputs["attention_mask"] == 0).any()  # prompts of different lengths: the batch is padded
+    image_tokens = (inputs["input_ids"] == base.config.image_token_id).sum(1).tolist()
+    if family == "llava":
+        assert image_tokens == [64, 64]  # (64 / 8)^2 patches, whatever the picture
+    else:  # LLaVA-NeXT's anyres grid, Idefics3's tiles: the picture's shape sets how many tokens it becomes
+        assert image_tokens[0] != image_tokens[1]
     with torch.no_grad():
         answer = train_llava.answer_logits(base, inputs, ids)
         for row in range(2):  # each sample alone, no padding, every position's logits computed
-            single = {k: v[row : row + 1] for k, v in inputs.items()}
-            keep = single["attention_mask"][0].bool()
-            single = {k: v[:, keep] if k != "pixel_values" else v for k, v in single.items()}
+            single = batch_for(processor, images[row : row + 1], questions[row : row + 1])
+            assert single["attention_mask"].all()
             full = base(**single).logits  # (1, length, vocab)
-            assert full.shape[1] == keep.sum()
+            assert full.shape[1] == inputs["attention_mask"][row].sum()
             torch.testing.assert_close(answer[row], full[0, -1, ids], rtol=1e-5, atol=1e-5)
 
 
-def test_left_and_right_padding_give_the_same_predictions(loaded):
-    base, processor = loaded
+@pytest.mark.parametrize("family", FAMILIES)
+def test_left_and_right_padding_give_the_same_predictions(family_models, family):
+    base, processor = load_base_and_processor(family_models(family), torch.float32)
+    base.eval()
     ids = train_llava.answer_token_ids(processor.tokenizer, "No", "Yes")
     images = [Image.new("RGB", (200, 100), "red"), Image.new("RGB", (90, 160), "blue"), Image.new("RGB", (64, 64), "white")]
     questions = ["Is this a prompt injection?", "Does this page contain any text?", "Is it?"]
