@@ -4,16 +4,18 @@ One model, two heads, combined by the AMNL loss (each task loss divided by a run
 itself, then weighted 0.5/0.5). The same file runs on a CPU, one GPU, DDP or FSDP:
 
     python train_dual_task.py                                    # FD001 on this machine
-    python train_dual_task.py --subset FD002 --epochs 80         # any field of Config is a flag
+    python train_dual_task.py --data FD002 --epochs 80           # any field of Config is a flag
     python train_dual_task.py --config configs/fd004.yaml        # or a YAML file of them
     accelerate launch --config_file accelerate_configs/single_gpu.yaml train_dual_task.py --mixed_precision bf16
     python train_dual_task.py --output_dir runs/x --resume_from latest
+    python train_dual_task.py --mode predict --output_dir runs/x --predict_data new_engines.txt   # -> predictions.csv
 
 Protocol: 20% of the training engines are held out for validation (split by engine). LR plateau,
 early stopping and the best checkpoint use validation only; the test set is evaluated once, at the
 end, with the best EMA weights: RMSE on each test engine's last cycle and the PHM08 score.
 
-Reading order: Config, data, model, loss, train(), evaluate(), main().
+Reading order: Config, data (in parts: only read_runs knows the C-MAPSS files), model, loss, train(),
+evaluate(), main(), predict().
 """
 
 import dataclasses
@@ -33,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from common.checkpoint import check_checkpoint_fits, load_checkpoint, resolve_resume, save_checkpoint
@@ -47,7 +50,7 @@ from common.ema import EMA
 from common.errors import NonFiniteTrainingError, UserError, exit_on_user_error, warn
 from common.guard import NonFiniteGuard
 from common.preemption import EXIT_PREEMPTED, Preemption
-from common.run_log import MetricsLog, check_output_dir, peak_memory_mb, start_run, write_json
+from common.run_log import MetricsLog, check_output_dir, check_output_file, peak_memory_mb, start_run, write_json
 from common.schedules import linear_warmup, set_lr, warmup_cosine
 
 INFORMATIVE_SENSORS = [2, 3, 4, 7, 8, 9, 11, 12, 13, 14, 15, 17, 20, 21]
@@ -55,24 +58,26 @@ INFORMATIVE_SENSORS = [2, 3, 4, 7, 8, 9, 11, 12, 13, 14, 15, 17, 20, 21]
 
 @dataclass
 class Config:
-    # data
-    subset: str = setting("FD001", "C-MAPSS subset", choices=["FD001", "FD002", "FD003", "FD004"], same_on_resume=True)
-    data_dir: str = setting("data/cmapss", "folder with {train,test,RUL}_FD00x.txt[.gz]", NON_EMPTY)
-    sensors: list[int] = setting(INFORMATIVE_SENSORS, "sensor numbers used as inputs", between(1, 21), same_on_resume=True)
+    # data: read_runs gives --data and --sensors their meaning (a reader of your own gives them yours)
+    data: str = setting("FD001", "the data: a C-MAPSS subset FD001-FD004 (the copy in data/cmapss), or <folder>/FD00x "
+                        "for the train_, test_ and RUL_FD00x files (.txt or .txt.gz) in another folder", NON_EMPTY, same_on_resume=True)
+    sensors: list[int] = setting(INFORMATIVE_SENSORS, "sensor columns used as inputs, numbered from 1", at_least(1), same_on_resume=True)
     window: int = setting(30, "cycles per input window", at_least(1), same_on_resume=True)
     rul_cap: int = setting(125, "piecewise-linear RUL cap, for training labels and the true test RUL", between(1, 100_000), same_on_resume=True)
-    val_fraction: float = setting(0.2, "fraction of training engines held out for validation", between(0, 1, low_open=True, high_open=True), same_on_resume=True)
-    folds: int = setting(1, "train this many models, each validated on its own engine-disjoint fold (then --val_fraction is 1/folds), "
+    val_fraction: float = setting(0.2, "fraction of training units held out for validation", between(0, 1, low_open=True, high_open=True), same_on_resume=True)
+    folds: int = setting(1, "train this many models, each validated on its own unit-disjoint fold (then --val_fraction is 1/folds), "
                          "and average their test predictions (1: one model)", between(1, 100), same_on_resume=True)
     val_metric: str = setting("windows", "validation RMSE that picks the best epoch, stops early and drives the plateau scheduler: "
-                              "'cut' scores each validation engine like a test engine (its last window at random cut points), "
+                              "'cut' scores each validation unit like a test unit (its last window at random cut points), "
                               "'windows' every window of it", choices=["windows", "cut"], same_on_resume=True)
-    val_cuts: int = setting(10, "cut points per validation engine for the 'cut' score (fixed by --seed)", between(1, 1000), same_on_resume=True)
-    healthy_above: int = setting(50, "RUL above this is 'healthy'", at_least(1), same_on_resume=True)
-    critical_at_or_below: int = setting(15, "RUL at or below this is 'critical'; between is 'degrading'", at_least(0), same_on_resume=True)
+    val_cuts: int = setting(10, "cut points per validation unit for the 'cut' score (fixed by --seed)", between(1, 1000), same_on_resume=True)
+    health_thresholds: list[int] = setting([50, 15], "RUL thresholds between health states, falling: RUL above the first is state 0 "
+                                           "(healthy), each threshold the RUL is at or below adds one (50, 15: healthy, degrading, "
+                                           "critical)", at_least(0), same_on_resume=True)
     smoothing: float = setting(0.05, "causal exponential smoothing of the normalised sensors, weight of the newest cycle (0: off)", between(0, 1), same_on_resume=True)
     per_condition_norm: bool = setting(True, "normalise per operating condition (FD002/FD004 have six; FD001/FD003 one)", same_on_resume=True)
     cycle_feature: bool = setting(True, "add the cycle number (cycles run so far) as an input feature", same_on_resume=True)
+    phm08: bool = setting(True, "report the PHM08 score, C-MAPSS's asymmetric score (its constants are in cycles): off for other data")
     # model
     conv_channels: int = setting(64, "Conv1d channels", between(1, 2048), same_on_resume=True)
     kernel_size: int = setting(5, "Conv1d kernel size over time", between(1, 64), same_on_resume=True)
@@ -113,6 +118,11 @@ class Config:
     resume_from: str | None = setting(None, "'latest' or a checkpoint folder", NON_EMPTY)
     report_to: str = setting("none", "Accelerate tracker: none, tensorboard, wandb, ...", TRACKER)
     num_threads: int = setting(0, "PyTorch CPU threads per process (0: PyTorch's default, one per core)", between(0, 1024))
+    # predict
+    mode: str = setting("train", "train, or predict: RUL and health state for the last cycle of each unit in --predict_data, "
+                        "with the model(s) and preprocessing saved in --output_dir", choices=["train", "predict"])
+    predict_data: str | None = setting(None, "predict: a file in the training data's format (C-MAPSS: like test_FD001.txt)", NON_EMPTY)
+    predict_output: str | None = setting(None, "predict: CSV to write (default: output_dir/predictions.csv)", NON_EMPTY)
 
     def __post_init__(self):  # every field in its domain, then the rules that tie fields together
         check_domains(self)
@@ -120,25 +130,92 @@ class Config:
             raise UserError(f"--sensors {self.sensors} names a sensor twice; list each once")
         if not self.sensors and not self.cycle_feature:
             raise UserError("no input features: --sensors is empty and --cycle_feature is false; name at least one sensor")
-        if not self.critical_at_or_below < self.healthy_above < self.rul_cap:
-            raise UserError(f"the health thresholds must satisfy --critical_at_or_below < --healthy_above < --rul_cap, got "
-                            f"{self.critical_at_or_below}, {self.healthy_above}, {self.rul_cap}; otherwise a health state never occurs")
+        thresholds = self.health_thresholds
+        if not thresholds or any(b >= a for a, b in zip([self.rul_cap, *thresholds], thresholds)):
+            raise UserError(f"--health_thresholds {thresholds} must be one or more RULs below --rul_cap {self.rul_cap}, each "
+                            f"lower than the one before (e.g. 50,15); otherwise a health state never occurs")
+        if self.mode == "predict" and self.predict_data is None:
+            raise UserError("--mode predict needs units to predict; pass --predict_data (a file like test_FD001.txt)")
         if len(self.wd_decay_epochs) != len(self.wd_decay_factors):
             raise UserError(f"--wd_decay_epochs has {len(self.wd_decay_epochs)} entries and --wd_decay_factors "
                             f"{len(self.wd_decay_factors)}; give one factor per epoch")
 
 
 # ----------------------------------------------------------------------------------------------
-# Data: read, label, split by engine, normalise on training engines, cut windows once as tensors
+# Data, in parts that can be replaced one at a time (README: "Copy and edit"):
+#   read_runs            the files -> Runs, one row per unit and cycle: the only part that knows C-MAPSS's format
+#   validation_units     which units validate: split by unit, never by window
+#   fit_preprocessing    statistics from the training units only; saved beside the model (preprocessing.json)
+#   apply_preprocessing  normalise per operating condition, smooth, add the cycle number
+#   windows_per_unit     sliding windows to train on; the last window of each unit to test and predict
 # ----------------------------------------------------------------------------------------------
 
-NUM_COLUMNS = 26  # unit, cycle, 3 operational settings, 21 sensors
+
+@dataclass
+class Runs:
+    """Units observed cycle by cycle: one row per unit and cycle, each unit's rows together and in cycle order."""
+
+    name: str  # what the data is, for the console and results.json
+    sensor_names: list[str]  # the columns of `sensors`
+    unit: np.ndarray  # (rows,) unit id
+    cycle: np.ndarray  # (rows,) cycles run so far
+    condition: np.ndarray  # (rows,) operating-condition id: normalisation statistics are fitted per condition
+    sensors: np.ndarray  # (rows, sensors)
+    rul: np.ndarray  # (rows,) cycles left until failure; NaN where unknown (units to predict)
+
+    def select(self, rows: np.ndarray) -> "Runs":
+        return dataclasses.replace(self, unit=self.unit[rows], cycle=self.cycle[rows], condition=self.condition[rows],
+                                   sensors=self.sensors[rows], rul=self.rul[rows])
+
+
+CMAPSS_COLUMNS = 26  # unit, cycle, 3 operational settings, 21 sensors
+CMAPSS_SUBSETS = ["FD001", "FD002", "FD003", "FD004"]
+
+
+def read_runs(cfg: Config, predict_file: str | None = None) -> dict[str, Runs]:
+    """C-MAPSS: {"train": engines run to failure, "test": engines stopped early, with the true RUL at the stop}, or
+    with `predict_file` {"predict": the engines of that one file, RUL unknown}. --data names the subset."""
+    folder, subset = Path(cfg.data).parent, Path(cfg.data).name
+    if subset not in CMAPSS_SUBSETS:
+        raise UserError(f"--data {cfg.data} names no C-MAPSS subset; pass one of {', '.join(CMAPSS_SUBSETS)} or "
+                        f"<folder>/FD00x for the files train_FD00x.txt, test_FD00x.txt and RUL_FD00x.txt there")
+    if folder == Path("."):
+        folder = Path(__file__).resolve().parent / "data" / "cmapss"  # the copy shipped with this repo
+    if not folder.is_dir():
+        raise UserError(f"data folder {folder} not found; pass --data <folder with the C-MAPSS files>/{subset}")
+
+    def find(name):
+        plain = folder / name
+        return plain if plain.is_file() or not (folder / f"{name}.gz").is_file() else folder / f"{name}.gz"
+
+    def runs(table, name, rul):
+        missing = [s for s in cfg.sensors if s > 21]
+        if missing:
+            raise UserError(f"--sensors {missing[0]} does not exist; C-MAPSS has sensors 1 to 21")
+        return Runs(name, [f"sensor {s}" for s in cfg.sensors], table[:, 0].astype(np.int64),
+                    table[:, 1], operating_condition(table), table[:, [4 + s for s in cfg.sensors]], rul)
+
+    if predict_file is not None:
+        table = read_table(Path(predict_file), CMAPSS_COLUMNS)
+        return {"predict": runs(table, f"{predict_file} (C-MAPSS format)", np.full(len(table), np.nan))}
+    train = read_table(find(f"train_{subset}.txt"), CMAPSS_COLUMNS)
+    test = read_table(find(f"test_{subset}.txt"), CMAPSS_COLUMNS)
+    test_rul_last = read_table(find(f"RUL_{subset}.txt"), 1)[:, 0]
+    test_units = np.unique(test[:, 0])
+    if len(test_rul_last) != len(test_units):
+        raise UserError(f"RUL_{subset} has {len(test_rul_last)} rows for {len(test_units)} test engines; "
+                        f"restore the original files")
+    # Training engines run to failure; test engines stop early: the RUL at their last cycle is given, earlier rows
+    # count up from it.
+    true_last = dict(zip(test_units, test_rul_last))
+    test_rul = np.array([true_last[u] for u in test[:, 0]]) + cycles_to_last(test)
+    return {"train": runs(train, f"C-MAPSS {subset}", cycles_to_last(train)), "test": runs(test, f"C-MAPSS {subset}", test_rul)}
 
 
 def read_table(path: Path, columns: int) -> np.ndarray:
     """Read a whitespace-separated C-MAPSS file (.txt or .txt.gz) into a float array."""
     if not path.is_file():
-        raise UserError(f"missing data file {path}; point --data_dir at a folder with the C-MAPSS files")
+        raise UserError(f"missing data file {path}; point --data at a folder with the C-MAPSS files")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "input contained no data": reported below
@@ -152,7 +229,7 @@ def read_table(path: Path, columns: int) -> np.ndarray:
     if not np.isfinite(table).all():
         row = int(np.argwhere(~np.isfinite(table))[0, 0]) + 1
         raise UserError(f"{path} row {row} holds NaN or Inf; fix or remove that row")
-    if columns == NUM_COLUMNS:  # engines: positive whole unit and cycle numbers, each engine's rows together, in cycle order
+    if columns == CMAPSS_COLUMNS:  # engines: positive whole unit and cycle numbers, each engine's rows together, in cycle order
         unit, cycle = table[:, 0], table[:, 1]
         same_engine = unit[1:] == unit[:-1]
         bad = (unit < 1) | (unit != np.round(unit)) | (cycle < 1) | (cycle != np.round(cycle))
@@ -169,8 +246,8 @@ def read_table(path: Path, columns: int) -> np.ndarray:
     return table
 
 
-def rul_per_row(table: np.ndarray) -> np.ndarray:
-    """Cycles left until each engine's last recorded cycle (training engines run to failure)."""
+def cycles_to_last(table: np.ndarray) -> np.ndarray:
+    """Cycles from each row to its engine's last recorded cycle."""
     units, cycles = table[:, 0], table[:, 1]
     last_cycle = {u: cycles[units == u].max() for u in np.unique(units)}
     return np.array([last_cycle[u] for u in units]) - cycles
@@ -182,8 +259,56 @@ def operating_condition(table: np.ndarray) -> np.ndarray:
     return settings[:, 0] * 10**6 + settings[:, 1] * 10**3 + settings[:, 2]
 
 
-def smooth_per_engine(features: np.ndarray, units: np.ndarray, alpha: float) -> np.ndarray:
-    """Causal exponential smoothing within each engine (s_t = a x_t + (1-a) s_t-1): damps sensor noise, uses no future."""
+def validation_units(units: np.ndarray, cfg: Config, fold: int) -> np.ndarray:
+    """The units held out for validation: a seeded share of them, or with --folds K fold `fold` of K disjoint ones.
+    By unit, never by window: the windows of one unit are strongly correlated."""
+    order = np.random.default_rng(cfg.seed).permutation(units)
+    if cfg.folds > 1:
+        if cfg.folds > len(units):
+            raise UserError(f"--folds {cfg.folds} needs at least {cfg.folds} training units, the data has "
+                            f"{len(units)}; lower --folds")
+        return np.array_split(order, cfg.folds)[fold]
+    n_val = max(1, round(cfg.val_fraction * len(units)))
+    if n_val >= len(units):
+        raise UserError(f"the training data has {len(units)} unit(s) and --val_fraction {cfg.val_fraction:g} holds "
+                        f"out {n_val} for validation, leaving none to train on; lower --val_fraction or add units")
+    return order[:n_val]
+
+
+def fit_preprocessing(train: Runs, cfg: Config) -> dict:
+    """Everything that turns raw rows into model inputs, fitted on the training units only, as plain JSON: it is
+    saved beside the model, so that --mode predict prepares new data exactly as the training data was."""
+    conditions = train.condition if cfg.per_condition_norm else np.zeros_like(train.condition)
+    stats = {}
+    for c in np.unique(conditions):
+        rows = train.sensors[conditions == c]
+        stats[str(c)] = {"mean": rows.mean(0).tolist(), "std": np.where(rows.std(0) > 1e-8, rows.std(0), 1.0).tolist()}
+    return {"data": train.name, "sensor_names": train.sensor_names, "sensor_stats": stats,
+            "cycle_mean": float(train.cycle.mean()), "cycle_std": float(train.cycle.std()),
+            "per_condition_norm": cfg.per_condition_norm, "smoothing": cfg.smoothing, "cycle_feature": cfg.cycle_feature,
+            "window": cfg.window, "rul_cap": cfg.rul_cap, "health_thresholds": cfg.health_thresholds}
+
+
+def apply_preprocessing(runs: Runs, prep: dict) -> np.ndarray:
+    """(rows, features): sensors normalised per operating condition, smoothed within each unit, then the cycle number."""
+    conditions = runs.condition if prep["per_condition_norm"] else np.zeros_like(runs.condition)
+    features = np.empty(runs.sensors.shape)
+    for c in np.unique(conditions):
+        if str(c) not in prep["sensor_stats"]:
+            raise UserError(f"an operating condition of {runs.name} never occurs in the units trained on, so it cannot "
+                            f"be normalised; train with --per_condition_norm false")
+        stats = prep["sensor_stats"][str(c)]
+        features[conditions == c] = (runs.sensors[conditions == c] - np.array(stats["mean"])) / np.array(stats["std"])
+    if prep["smoothing"] > 0:
+        features = smooth_per_unit(features, runs.unit, prep["smoothing"])
+    if prep["cycle_feature"]:  # how long the unit has run is known at test time too
+        cycle = (runs.cycle - prep["cycle_mean"]) / prep["cycle_std"]
+        features = np.concatenate([features, cycle[:, None]], axis=1)
+    return features
+
+
+def smooth_per_unit(features: np.ndarray, units: np.ndarray, alpha: float) -> np.ndarray:
+    """Causal exponential smoothing within each unit (s_t = a x_t + (1-a) s_t-1): damps sensor noise, uses no future."""
     out = features.copy()
     for t in range(1, len(out)):
         if units[t] == units[t - 1]:
@@ -191,16 +316,16 @@ def smooth_per_engine(features: np.ndarray, units: np.ndarray, alpha: float) -> 
     return out
 
 
-def windows_per_engine(features: np.ndarray, rul: np.ndarray, units: np.ndarray, window: int, last_only: bool):
-    """Cut sliding windows per engine (all of them, or the last); short engines are front-padded."""
+def windows_per_unit(features: np.ndarray, rul: np.ndarray, units: np.ndarray, window: int, last_only: bool):
+    """Cut sliding windows per unit (all of them, or the last); short units are front-padded."""
     xs, ys, ids = [], [], []
     for unit in np.unique(units):
         rows = units == unit
         x, y = features[rows], rul[rows]
         if len(x) < window:
             if not last_only:
-                raise UserError(f"training engine {int(unit)} has {len(x)} cycles, fewer than --window {window}; "
-                                f"lower --window or remove that engine")
+                raise UserError(f"training unit {int(unit)} has {len(x)} cycles, fewer than --window {window}; "
+                                f"lower --window or remove that unit")
             x = np.concatenate([np.repeat(x[:1], window - len(x), axis=0), x])  # repeat the first cycle
         if last_only:
             xs.append(x[None, -window:])
@@ -212,16 +337,16 @@ def windows_per_engine(features: np.ndarray, rul: np.ndarray, units: np.ndarray,
     return np.concatenate(xs).astype(np.float32), np.concatenate(ys).astype(np.float32), np.concatenate(ids)
 
 
-# A validation engine cut like a test engine is observed for a uniform fraction of its life in this range (chosen
-# in advance, not fitted to the test set): from early in life, when the RUL is far above the cap, to one cycle
-# before failure.
+# A validation unit cut like a test unit is observed for a uniform fraction of its life in this range (chosen in
+# advance, not fitted to the test set): from early in life, when the RUL is far above the cap, to one cycle before
+# failure.
 VAL_CUT_RANGE = (0.2, 1.0)
 
 
 def cut_like_test(features: np.ndarray, rul: np.ndarray, units: np.ndarray, cuts: int, seed: int):
-    """Each engine cut at `cuts` random points; each cut becomes an engine observed up to there (a new unit id), to
-    be scored like a test engine: by its last window and the RUL at the cut."""
-    rng = np.random.default_rng([seed, 1])  # its own stream: the engine split does not move
+    """Each unit cut at `cuts` random points; each cut becomes a unit observed up to there (a new unit id), to
+    be scored like a test unit: by its last window and the RUL at the cut."""
+    rng = np.random.default_rng([seed, 1])  # its own stream: the unit split does not move
     parts, new_units = [], []
     for unit in np.unique(units):
         rows = np.nonzero(units == unit)[0]
@@ -233,9 +358,9 @@ def cut_like_test(features: np.ndarray, rul: np.ndarray, units: np.ndarray, cuts
     return features[keep], rul[keep], np.concatenate(new_units)
 
 
-def health_state(rul: np.ndarray, cfg: Config) -> np.ndarray:
-    """0 healthy, 1 degrading, 2 critical, from the (capped) RUL."""
-    return np.where(rul > cfg.healthy_above, 0, np.where(rul > cfg.critical_at_or_below, 1, 2)).astype(np.int64)
+def health_state(rul: np.ndarray, thresholds: list[int]) -> np.ndarray:
+    """0 for RUL above the first threshold (healthy), one more for each threshold the RUL is at or below."""
+    return (rul[:, None] <= np.array(thresholds)[None, :]).sum(1).astype(np.int64)
 
 
 @dataclass
@@ -243,94 +368,28 @@ class Split:
     x: torch.Tensor  # (N, window, features) float32
     rul: torch.Tensor  # (N,) float32, capped
     health: torch.Tensor  # (N,) int64
-    unit: torch.Tensor  # (N,) engine id of each window
+    unit: torch.Tensor  # (N,) unit id of each window
 
 
-def load_cmapss(cfg: Config, fold: int = 0) -> dict[str, Split]:
-    data_dir = Path(cfg.data_dir)
-    if not data_dir.is_absolute() and not data_dir.exists():
-        data_dir = Path(__file__).resolve().parent / data_dir  # the copy shipped with this repo
-    if not data_dir.is_dir():
-        raise UserError(f"data folder {cfg.data_dir} not found; pass --data_dir with the C-MAPSS files")
-
-    def find(name):
-        plain = data_dir / name
-        return plain if plain.is_file() or not (data_dir / f"{name}.gz").is_file() else data_dir / f"{name}.gz"
-
-    train = read_table(find(f"train_{cfg.subset}.txt"), NUM_COLUMNS)
-    test = read_table(find(f"test_{cfg.subset}.txt"), NUM_COLUMNS)
-    test_rul_last = read_table(find(f"RUL_{cfg.subset}.txt"), 1)[:, 0]
-    test_units = np.unique(test[:, 0])
-    if len(test_rul_last) != len(test_units):
-        raise UserError(f"RUL_{cfg.subset} has {len(test_rul_last)} rows for {len(test_units)} test engines; "
-                        f"restore the original files")
-
-    # Split by engine, never by window: windows of one engine are strongly correlated.
-    # With --folds K the engines, in one seeded order, fall into K disjoint validation folds; this is fold `fold`.
-    units = np.unique(train[:, 0])
-    order = np.random.default_rng(cfg.seed).permutation(units)
-    if cfg.folds > 1:
-        if cfg.folds > len(units):
-            raise UserError(f"--folds {cfg.folds} needs at least {cfg.folds} training engines, train_{cfg.subset} has "
-                            f"{len(units)}; lower --folds")
-        val_units = set(np.array_split(order, cfg.folds)[fold].tolist())
-    else:
-        n_val = max(1, round(cfg.val_fraction * len(units)))
-        if n_val >= len(units):
-            raise UserError(f"train_{cfg.subset} has {len(units)} engine(s) and --val_fraction {cfg.val_fraction:g} holds "
-                            f"out {n_val} for validation, leaving none to train on; lower --val_fraction or add engines")
-        val_units = set(order[:n_val].tolist())
-    is_val = np.isin(train[:, 0], list(val_units))
-
-    # Normalisation statistics from the training engines only, per operating condition.
-    sensor_cols = [4 + s for s in cfg.sensors]  # sensor k is column 4 + k (after unit, cycle, 3 settings)
-    conditions = {"train": operating_condition(train), "test": operating_condition(test)}
-    if not cfg.per_condition_norm:
-        conditions = {k: np.zeros_like(v) for k, v in conditions.items()}
-    fit_rows = train[~is_val][:, sensor_cols]
-    fit_cond = conditions["train"][~is_val]
-    stats = {}
-    for c in np.unique(fit_cond):
-        rows = fit_rows[fit_cond == c]
-        stats[c] = (rows.mean(0), np.where(rows.std(0) > 1e-8, rows.std(0), 1.0))
-
-    def normalise(table, cond):
-        out = np.empty((len(table), len(sensor_cols)))
-        for c in np.unique(cond):
-            if c not in stats:
-                raise UserError(f"an operating condition of the {cfg.subset} data never occurs in the engines trained on, "
-                                f"so it cannot be normalised; run with --per_condition_norm false")
-            mean, std = stats[c]
-            out[cond == c] = (table[cond == c][:, sensor_cols] - mean) / std
-        return out
-
-    train_feat = normalise(train, conditions["train"])
-    test_feat = normalise(test, conditions["test"])
-    if cfg.smoothing > 0:
-        train_feat = smooth_per_engine(train_feat, train[:, 0], cfg.smoothing)
-        test_feat = smooth_per_engine(test_feat, test[:, 0], cfg.smoothing)
-    if cfg.cycle_feature:  # how long the engine has run is known at test time too; scaled by the training engines
-        mean, std = train[~is_val, 1].mean(), train[~is_val, 1].std()
-        train_feat = np.concatenate([train_feat, (train[:, 1:2] - mean) / std], axis=1)
-        test_feat = np.concatenate([test_feat, (test[:, 1:2] - mean) / std], axis=1)
-    train_rul = np.minimum(rul_per_row(train), cfg.rul_cap)
-    # Test engines stop before failure: RUL at the last cycle is given, earlier rows count up from it.
-    true_last = dict(zip(test_units, test_rul_last))
-    test_rul = np.array([true_last[u] for u in test[:, 0]]) + rul_per_row(test)
-    test_rul = np.minimum(test_rul, cfg.rul_cap)
-
-    val_cut = cut_like_test(train_feat[is_val], train_rul[is_val], train[is_val, 0], cfg.val_cuts, cfg.seed)
+def load_splits(cfg: Config, runs: dict[str, Runs], fold: int = 0) -> tuple[dict[str, Split], dict]:
+    """The parts wired together: train/val/val_cut/test windows as tensors, and the fitted preprocessing."""
+    train, test = runs["train"], runs["test"]
+    is_val = np.isin(train.unit, validation_units(np.unique(train.unit), cfg, fold))
+    prep = fit_preprocessing(train.select(~is_val), cfg)
+    train_x, test_x = apply_preprocessing(train, prep), apply_preprocessing(test, prep)
+    train_rul, test_rul = np.minimum(train.rul, cfg.rul_cap), np.minimum(test.rul, cfg.rul_cap)
+    val_cut = cut_like_test(train_x[is_val], train_rul[is_val], train.unit[is_val], cfg.val_cuts, cfg.seed)
     splits = {}
-    for name, (feat, rul, unit_col), last_only in [
-        ("train", (train_feat[~is_val], train_rul[~is_val], train[~is_val, 0]), False),
-        ("val", (train_feat[is_val], train_rul[is_val], train[is_val, 0]), False),
-        ("val_cut", val_cut, True),  # validation engines scored like test engines
-        ("test", (test_feat, test_rul, test[:, 0]), True),
+    for name, (x, rul, unit), last_only in [
+        ("train", (train_x[~is_val], train_rul[~is_val], train.unit[~is_val]), False),
+        ("val", (train_x[is_val], train_rul[is_val], train.unit[is_val]), False),
+        ("val_cut", val_cut, True),  # validation units scored like test units
+        ("test", (test_x, test_rul, test.unit), True),
     ]:
-        x, y, unit = windows_per_engine(feat, rul, unit_col, cfg.window, last_only)
-        splits[name] = Split(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(health_state(y, cfg)),
-                             torch.from_numpy(unit))
-    return splits
+        x, y, unit = windows_per_unit(x, rul, unit, cfg.window, last_only)
+        splits[name] = Split(torch.from_numpy(x), torch.from_numpy(y),
+                             torch.from_numpy(health_state(y, cfg.health_thresholds)), torch.from_numpy(unit))
+    return splits, prep
 
 
 class WindowDataset(torch.utils.data.Dataset):
@@ -385,7 +444,8 @@ class DualTaskNet(nn.Module):
         self.attention = nn.Linear(2 * h, 1)
         # Both heads see the attention-pooled summary and the last time step (the most recent state).
         self.rul_head = nn.Sequential(nn.Linear(4 * h, h), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(h, 1))
-        self.health_head = nn.Sequential(nn.Linear(4 * h, h), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(h, 3))
+        num_states = len(cfg.health_thresholds) + 1
+        self.health_head = nn.Sequential(nn.Linear(4 * h, h), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(h, num_states))
 
     def forward(self, x):  # x: (batch, time, features)
         z = self.conv(x.transpose(1, 2)).transpose(1, 2)
@@ -524,7 +584,7 @@ def phm08_score(pred: torch.Tensor, true: torch.Tensor) -> float:
 
 @torch.no_grad()
 def evaluate(model, loader, accelerator, rul_cap: int) -> dict:
-    """RMSE and PHM08 score in cycles, health accuracy; every sample counted once across processes."""
+    """RMSE in cycles, health accuracy and the predictions; every sample counted once across processes."""
     model.eval()
     preds, trues, probs, healths = [], [], [], []
     for x, rul, health in loader:
@@ -545,7 +605,6 @@ def evaluate(model, loader, accelerator, rul_cap: int) -> dict:
                                      "then resume from a checkpoint before the divergence or start again")
     return {
         "rmse": torch.sqrt(((pred - true) ** 2).mean()).item(),
-        "score": phm08_score(pred, true),
         "health_accuracy": (torch.cat(probs).argmax(-1) == torch.cat(healths)).float().mean().item(),
         "num_samples": len(true),
         "pred": pred.cpu(),
@@ -656,9 +715,8 @@ def train(cfg, accelerator, model, optimizer, train_loader, val_loaders, loss_fn
             set_lr(optimizer, current_lr())
         samples_per_second = samples * accelerator.num_processes / epoch_seconds
         windows, cut = val["windows"], val["cut"]
-        log.log({"epoch": state.epoch, "val/rmse": windows["rmse"], "val/score": windows["score"],
-                 "val/health_accuracy": windows["health_accuracy"], "val/rmse_cut": cut["rmse"],
-                 "val/score_cut": cut["score"], "train/samples_per_second": samples_per_second,
+        log.log({"epoch": state.epoch, "val/rmse": windows["rmse"], "val/health_accuracy": windows["health_accuracy"],
+                 "val/rmse_cut": cut["rmse"], "train/samples_per_second": samples_per_second,
                  "peak_memory_mb": peak_memory_mb(accelerator.device), "train/lr": optimizer.param_groups[0]["lr"]},
                 state.step)
         accelerator.print(f"epoch {state.epoch:3d} | val RMSE {windows['rmse']:6.2f} cut {cut['rmse']:6.2f} "
@@ -690,8 +748,9 @@ def save_plots(output_dir: Path, test: dict, rul_cap: int, curves: bool = True) 
     fig, ax = plt.subplots(figsize=(10, 4))
     ax.plot(test["true"][order], "k-", label="true RUL (capped)")
     ax.plot(test["pred"][order], "o", markersize=3, label="predicted RUL")
-    ax.set(title=f"test engines, last cycle: RMSE {test['rmse']:.2f}, score {test['score']:.0f}",
-           xlabel="test engine (sorted by true RUL)", ylabel="cycles")
+    score = f", PHM08 score {test['score']:.0f}" if test["score"] is not None else ""
+    ax.set(title=f"test units, last cycle: RMSE {test['rmse']:.2f}{score}", xlabel="test unit (sorted by true RUL)",
+           ylabel="cycles")
     ax.legend()
     fig.tight_layout()
     fig.savefig(output_dir / "test_predictions.png", dpi=100)
@@ -735,14 +794,45 @@ def save_model_atomically(accelerator, model, output_dir: Path) -> None:
     accelerator.wait_for_everyone()
 
 
-RUN_OUTPUTS = ["config.yaml", "results.json", "metrics.jsonl", "model.safetensors", "training_curves.png",
-               "test_predictions.png", "checkpoints", "dual_task"]  # what a run writes ("dual_task": tensorboard)
+def write_predictions(path: Path, units, pred: torch.Tensor, health_prob: torch.Tensor, true=None) -> None:
+    """CSV, one row per unit: predicted RUL, the most likely health state and each state's probability (and the
+    true RUL, where known). Written atomically."""
+    header = ["unit", "rul", "health_state", *[f"p_state_{k}" for k in range(health_prob.shape[1])]]
+    rows = [[int(u), f"{r:.4f}", int(p.argmax()), *[f"{q:.6f}" for q in p.tolist()]]
+            for u, r, p in zip(units, pred.tolist(), health_prob)]
+    if true is not None:
+        header.append("true_rul")
+        rows = [row + [f"{t:g}"] for row, t in zip(rows, true.tolist())]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(",".join(map(str, row)) for row in [header, *rows]) + "\n")
+    os.replace(tmp, path)
+
+
+def test_scores(pred: torch.Tensor, true: torch.Tensor, health_prob: torch.Tensor, health: torch.Tensor,
+                cfg: Config) -> dict:
+    """The test set's numbers, from its predictions: RMSE in cycles, the PHM08 score (--phm08), health accuracy."""
+    return {"rmse": torch.sqrt(((pred - true) ** 2).mean()).item(),
+            "score": phm08_score(pred, true) if cfg.phm08 else None,
+            "health_accuracy": (health_prob.argmax(-1) == health).float().mean().item(), "num_samples": len(true),
+            "pred": pred, "true": true, "health_prob": health_prob, "health": health}
+
+
+def report(test: dict) -> str:
+    score = f" | PHM08 score {test['score']:.1f}" if test["score"] is not None else ""
+    return f"test RMSE {test['rmse']:.2f}{score} | health accuracy {test['health_accuracy']:.3f}"
+
+
+RUN_OUTPUTS = ["config.yaml", "results.json", "metrics.jsonl", "model.safetensors", "preprocessing.json",
+               "test_predictions.csv", "training_curves.png", "test_predictions.png", "checkpoints",
+               "dual_task"]  # what a run writes ("dual_task": tensorboard)
 
 
 def main(argv=None):
     cfg = parse_config(Config, argv, description=__doc__.split("\n")[0])  # every setting checked against its domain
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    if cfg.mode == "predict":
+        return predict(cfg)
     wall_start = time.perf_counter()
     try:
         accelerator = Accelerator(
@@ -771,16 +861,18 @@ def main(argv=None):
     for path in filter(None, resume_paths):
         check_checkpoint_fits(accelerator, path, cfg)  # every fold's, before anything is written
     check_one_view_of_output_dir(output_dir, next(filter(None, resume_paths), None))  # several machines: one filesystem
-    fold_splits = [load_cmapss(cfg, fold) for fold in range(cfg.folds)]
-    splits = fold_splits[0]
-    accelerator.print(f"{cfg.subset}: {len(splits['train'].rul)} training windows, {len(splits['val'].rul)} "
-                      f"validation windows ({len(splits['val_cut'].rul)} cuts), {len(splits['test'].rul)} test engines, "
-                      f"{len(cfg.sensors)} sensors" + (f"; {cfg.folds} folds" if cfg.folds > 1 else ""))
+    runs = read_runs(cfg)
+    fold_data = [load_splits(cfg, runs, fold) for fold in range(cfg.folds)]  # [(splits, preprocessing)] per fold
+    splits, prep = fold_data[0]
+    accelerator.print(f"{runs['train'].name}: {len(splits['train'].rul)} training windows, {len(splits['val'].rul)} "
+                      f"validation windows ({len(splits['val_cut'].rul)} cuts), {len(splits['test'].rul)} test units; "
+                      f"inputs: {', '.join(prep['sensor_names'])}{', cycle number' if cfg.cycle_feature else ''}"
+                      + (f"; {cfg.folds} folds" if cfg.folds > 1 else ""))
     # SIGTERM/SIGINT: during training, finish the step, checkpoint and exit 75; after it, finish the short
     # final phase (test, save) and exit 0. A second signal stops at once.
     preemption = Preemption().install()
     fold_results, fold_tests = [], []
-    for fold, (splits, run_dir, resume_path) in enumerate(zip(fold_splits, run_dirs, resume_paths)):
+    for fold, ((splits, prep), run_dir, resume_path) in enumerate(zip(fold_data, run_dirs, resume_paths)):
         fold_start = time.perf_counter()
         set_seed(cfg.seed + fold)  # each fold's initialisation, whatever ran before it (a resumed run skips folds)
         train_loader = make_loader(splits["train"], cfg.batch_size, shuffle=True, seed=cfg.seed)
@@ -815,7 +907,7 @@ def main(argv=None):
             run_dir.mkdir(exist_ok=True)
         accelerator.wait_for_everyone()
         if cfg.folds > 1:
-            accelerator.print(f"fold {fold + 1}/{cfg.folds}: validation engines "
+            accelerator.print(f"fold {fold + 1}/{cfg.folds}: validation units "
                               f"{sorted(int(u) for u in splits['val'].unit.unique())}")
         log = MetricsLog(accelerator, run_dir, step_offset=state.step if resume_path else None)
         if train(cfg, accelerator, model, optimizer, train_loader, {"windows": val_loader, "cut": val_cut_loader},
@@ -830,14 +922,15 @@ def main(argv=None):
             accelerator.unwrap_model(model).load_state_dict(state.best_weights)
         else:
             ema.copy_to()  # no epoch finished (e.g. a tiny --max_steps): use the current EMA weights
-        test = evaluate(model, test_loader, accelerator, cfg.rul_cap)
+        evaluated = evaluate(model, test_loader, accelerator, cfg.rul_cap)
+        test = test_scores(evaluated["pred"], evaluated["true"], evaluated["health_prob"], evaluated["health"], cfg)
         save_model_atomically(accelerator, model, run_dir)  # -> run_dir/model.safetensors
         results = {
-            "subset": cfg.subset,
+            "data": runs["train"].name,
             "test_rmse": test["rmse"],
             "test_score": test["score"],
             "test_health_accuracy": test["health_accuracy"],
-            "test_engines": test["num_samples"],
+            "test_units": test["num_samples"],
             "best_val_rmse": state.best_val_rmse if state.best_epoch >= 0 else None,
             "val_metric": cfg.val_metric,
             "best_epoch": state.best_epoch,
@@ -852,16 +945,17 @@ def main(argv=None):
             "mixed_precision": accelerator.mixed_precision,
             "fell_back_to_fp32_at_step": guard.fallback_step,
             "seed": cfg.seed,
-        } | ({"fold": fold + 1, "val_engines": sorted(int(u) for u in splits["val"].unit.unique())} if cfg.folds > 1 else {})
+        } | ({"fold": fold + 1, "val_units": sorted(int(u) for u in splits["val"].unit.unique())} if cfg.folds > 1 else {})
         if accelerator.is_main_process:
+            write_json(run_dir / "preprocessing.json", prep)  # beside model.safetensors: what --mode predict needs
+            write_predictions(run_dir / "test_predictions.csv", splits["test"].unit, test["pred"], test["health_prob"],
+                              test["true"])
             write_json(run_dir / "results.json", results)
             save_plots(run_dir, test, cfg.rul_cap)
             best = (f"best val RMSE ({cfg.val_metric}) {state.best_val_rmse:.2f} at epoch {state.best_epoch}"
                     if state.best_epoch >= 0 else "no epoch finished")
-            print(("" if cfg.folds == 1 else f"fold {fold + 1}: ") +
-                  f"test RMSE {test['rmse']:.2f} | PHM08 score {test['score']:.1f} | health accuracy "
-                  f"{test['health_accuracy']:.3f} | {best} | {results['wall_seconds']:.0f} s | results in "
-                  f"{run_dir / 'results.json'}")
+            print(("" if cfg.folds == 1 else f"fold {fold + 1}: ") + f"{report(test)} | {best} | "
+                  f"{results['wall_seconds']:.0f} s | results in {run_dir / 'results.json'}")
         fold_results.append(results)
         fold_tests.append(test)
         accelerator.free_memory()  # the next fold's objects are prepared and checkpointed alone
@@ -869,10 +963,11 @@ def main(argv=None):
     if cfg.folds > 1:  # the ensemble: test predictions (RUL and health probabilities) averaged over the folds
         results, test = ensemble_results(cfg, fold_results, fold_tests, time.perf_counter() - wall_start)
         if accelerator.is_main_process:
+            write_predictions(output_dir / "test_predictions.csv", splits["test"].unit, test["pred"], test["health_prob"],
+                              test["true"])
             write_json(output_dir / "results.json", results)
             save_plots(output_dir, test, cfg.rul_cap, curves=False)
-            print(f"ensemble of {cfg.folds} folds: test RMSE {test['rmse']:.2f} | PHM08 score {test['score']:.1f} | "
-                  f"health accuracy {test['health_accuracy']:.3f} | {results['wall_seconds']:.0f} s | results in "
+            print(f"ensemble of {cfg.folds} folds: {report(test)} | {results['wall_seconds']:.0f} s | results in "
                   f"{output_dir / 'results.json'}")
     accelerator.end_training()
     preemption.uninstall()
@@ -883,14 +978,11 @@ def main(argv=None):
 
 def ensemble_results(cfg: Config, fold_results: list[dict], fold_tests: list[dict], wall_seconds: float):
     pred = torch.stack([t["pred"] for t in fold_tests]).mean(0)
-    true, health = fold_tests[0]["true"], fold_tests[0]["health"]  # the same test engines, in the same order
     prob = torch.stack([t["health_prob"] for t in fold_tests]).mean(0)
-    test = {"rmse": torch.sqrt(((pred - true) ** 2).mean()).item(), "score": phm08_score(pred, true),
-            "health_accuracy": (prob.argmax(-1) == health).float().mean().item(), "num_samples": len(true),
-            "pred": pred, "true": true}
-    keep = ("subset", "num_processes", "distributed_type", "mixed_precision", "seed", "val_metric")
+    test = test_scores(pred, fold_tests[0]["true"], prob, fold_tests[0]["health"], cfg)  # the same units, in order
+    keep = ("data", "num_processes", "distributed_type", "mixed_precision", "seed", "val_metric")
     results = {"test_rmse": test["rmse"], "test_score": test["score"], "test_health_accuracy": test["health_accuracy"],
-               "test_engines": test["num_samples"], "folds": len(fold_results),
+               "test_units": test["num_samples"], "folds": len(fold_results),
                "fold_test_rmse_mean": float(np.mean([r["test_rmse"] for r in fold_results])),
                "best_val_rmse_mean": float(np.mean([r["best_val_rmse"] for r in fold_results
                                                     if r["best_val_rmse"] is not None] or [np.nan])),
@@ -898,6 +990,37 @@ def ensemble_results(cfg: Config, fold_results: list[dict], fold_tests: list[dic
                "peak_memory_mb": max(r["peak_memory_mb"] for r in fold_results)}
     results |= {k: fold_results[0][k] for k in keep} | {"per_fold": fold_results}
     return results, test
+
+
+def predict(cfg: Config) -> Path:
+    """RUL and health state at the last cycle of each unit in --predict_data, by the model(s) of the run in
+    --output_dir, each with the preprocessing it was trained with (a fold ensemble: the folds' predictions averaged)."""
+    run_dir = Path(cfg.output_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir} holds no training run (no config.yaml); pass the --output_dir of a finished run")
+    trained = parse_config(Config, ["--config", str(run_dir / "config.yaml")])  # its model and its data format
+    model_dirs = [run_dir] if trained.folds == 1 else [run_dir / f"fold_{k}" for k in range(1, trained.folds + 1)]
+    for folder in model_dirs:
+        if not (folder / "model.safetensors").is_file() or not (folder / "preprocessing.json").is_file():
+            raise UserError(f"{folder} has no model.safetensors and preprocessing.json: the run has not finished; "
+                            f"finish it with --resume_from latest, then predict")
+    output = check_output_file(cfg.predict_output or run_dir / "predictions.csv", cfg.overwrite,
+                               inputs=[cfg.predict_data], flag="--predict_output")
+    runs = read_runs(trained, cfg.predict_data)["predict"]
+    preds, probs = [], []
+    for folder in model_dirs:
+        prep = json.loads((folder / "preprocessing.json").read_text())
+        x, _, units = windows_per_unit(apply_preprocessing(runs, prep), runs.rul, runs.unit, prep["window"], last_only=True)
+        model = DualTaskNet(num_features=x.shape[-1], cfg=trained).eval()
+        model.load_state_dict(load_file(folder / "model.safetensors"))
+        with torch.no_grad():
+            rul, health_logits = model(torch.from_numpy(x))
+        preds.append((rul * prep["rul_cap"]).clamp(0, prep["rul_cap"]))
+        probs.append(health_logits.softmax(-1))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    write_predictions(output, units, torch.stack(preds).mean(0), torch.stack(probs).mean(0))
+    print(f"RUL and health state of {len(units)} units of {runs.name} written to {output}")
+    return output
 
 
 if __name__ == "__main__":

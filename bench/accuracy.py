@@ -38,7 +38,7 @@ def main():
         for seed in args.seeds:
             out = REPO / args.output_dir / f"{subset}_seed{seed}"  # an absolute --output_dir stays as it is
             config = REPO / "configs" / f"{subset.lower()}.yaml"
-            cmd = [sys.executable, str(REPO / "train_dual_task.py"), "--subset", subset, "--seed", str(seed),
+            cmd = [sys.executable, str(REPO / "train_dual_task.py"), "--data", subset, "--seed", str(seed),
                    "--output_dir", str(out), "--overwrite", "true"]
             cmd += ["--config", str(config)] if config.is_file() else []
             cmd += args.extra

@@ -76,7 +76,7 @@ def main():
     args = parser.parse_args()
 
     cfg = tdt.Config(max_steps=args.steps, epochs=1)
-    splits = tdt.load_cmapss(cfg)
+    splits, _ = tdt.load_splits(cfg, tdt.read_runs(cfg))
     if args.steps >= len(splits["train"].rul) // cfg.batch_size:
         sys.exit("--steps must stay below one epoch, so that no end-of-epoch evaluation is timed")
     torch.manual_seed(cfg.seed)

@@ -47,7 +47,7 @@ def one_run(argv: list[str], workdir: Path) -> list[dict]:
     AcceleratorState._reset_state(True)
     accelerator = Accelerator(cpu=True)
     tdt.set_seed(cfg.seed)
-    splits = tdt.load_cmapss(cfg)
+    splits, _ = tdt.load_splits(cfg, tdt.read_runs(cfg))
     model = tdt.DualTaskNet(splits["train"].x.shape[-1], cfg)
     optimizer = torch.optim.AdamW(tdt.param_groups(model, cfg.weight_decay), lr=cfg.lr, fused=True)
     loaders = {name: tdt.make_loader(splits[name], cfg.batch_size if name == "train" else 4 * cfg.batch_size,
@@ -91,7 +91,7 @@ def main():
         for setting, setting_args in SETTINGS.items():
             for seed in args.seeds:
                 argv = (["--config", str(config)] if config.is_file() else []) + [
-                    "--subset", subset, "--seed", str(seed), "--epochs", str(args.epochs),
+                    "--data", subset, "--seed", str(seed), "--epochs", str(args.epochs),
                     "--early_stopping_patience", str(args.epochs), *setting_args, *args.extra]
                 with tempfile.TemporaryDirectory() as workdir:
                     epochs = one_run(argv, Path(workdir))

@@ -195,7 +195,7 @@ TINY_NET = ["--conv_channels", 8, "--hidden_size", 8, "--gru_layers", 1, "--batc
 
 
 def dual_args(data: Path, output_dir: Path, *extra):
-    return ["--data_dir", data, *TINY_NET, "--output_dir", output_dir, *extra]
+    return ["--data", f"{data}/FD001", *TINY_NET, "--output_dir", output_dir, *extra]
 
 
 @pytest.fixture(scope="module")
@@ -278,10 +278,11 @@ def test_dual_task_refuses_corrupt_data_files_before_writing_anything(small_cmap
 
 @pytest.mark.parametrize("setting, value", [
     ("hidden_size", 16), ("gru_layers", 2), ("window", 20), ("sensors", "2,3,4"), ("seed", 1), ("cycle_feature", "false"),
+    ("data", "FD002"), ("health_thresholds", "60,20"),
 ])
-def test_dual_task_resume_with_settings_that_do_not_fit_is_refused(finished_dual_run, setting, value):
+def test_dual_task_resume_with_settings_that_do_not_fit_is_refused(finished_dual_run, small_cmapss, setting, value):
     before = snapshot(finished_dual_run)
-    outcome = run(train_dual_task, *dual_args(REPO / "data/cmapss", finished_dual_run, "--resume_from", "latest"),
+    outcome = run(train_dual_task, *dual_args(small_cmapss, finished_dual_run, "--resume_from", "latest"),
                   f"--{setting}", value)
     assert_refused(outcome, untouched=finished_dual_run, before=before,
                    match=rf"was trained with --{setting} .*; resume with --{setting} ")
@@ -313,13 +314,14 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_the_run_still_ends_bit_ident
     assert (out / "model.safetensors").read_bytes() == (finished_dual_run / "model.safetensors").read_bytes()
 
 
-def test_a_damaged_checkpoint_named_by_path_is_refused_with_the_intact_one_named(finished_dual_run, tmp_path):
+def test_a_damaged_checkpoint_named_by_path_is_refused_with_the_intact_one_named(finished_dual_run, small_cmapss,
+                                                                                  tmp_path):
     out = tmp_path / "run"
     shutil.copytree(finished_dual_run, out)
     newest, *older = sorted((out / "checkpoints").glob("step_*"), reverse=True)
     (newest / "optimizer.bin").write_bytes((newest / "optimizer.bin").read_bytes()[:100])
     before = snapshot(out)
-    outcome = run(train_dual_task, *dual_args(REPO / "data/cmapss", out, "--resume_from", newest))
+    outcome = run(train_dual_task, *dual_args(small_cmapss, out, "--resume_from", newest))
     assert_refused(outcome, untouched=out, before=before,
                    match=rf"optimizer.bin has 100 bytes, .* were written; pass --resume_from {re.escape(str(older[0]))}")
 
@@ -345,9 +347,9 @@ def test_one_training_engine_or_no_engine_left_for_training_names_the_split(smal
     shutil.copytree(small_cmapss, tmp_path / "one")
     np.savetxt(tmp_path / "one" / "train_FD001.txt", table[table[:, 0] == 1], fmt="%g")
     assert_refused(run(train_dual_task, *dual_args(tmp_path / "one", tmp_path / "out")),
-                   match=r"has 1 engine\(s\) and --val_fraction 0.2 holds out 1 for validation, leaving none to train on")
+                   match=r"has 1 unit\(s\) and --val_fraction 0.2 holds out 1 for validation, leaving none to train on")
     assert_refused(run(train_dual_task, *dual_args(small_cmapss, tmp_path / "out", "--val_fraction", "0.99")),
-                   match=r"has 10 engine\(s\) and --val_fraction 0.99 holds out 10")
+                   match=r"has 10 unit\(s\) and --val_fraction 0.99 holds out 10")
 
 
 @pytest.mark.parametrize("overwrite", [False, True])

@@ -17,7 +17,7 @@ def test_accuracy_bench_prints_a_table_row_per_subset(tmp_path, small_cmapss):
     proc = subprocess.run(
         [sys.executable, "bench/accuracy.py", "--subsets", "FD001", "--seeds", "1", "2", "--output_dir", str(tmp_path),
          "--extra", "--epochs", "1", "--batch_size", "1024", "--conv_channels", "8", "--hidden_size", "8", "--gru_layers", "1",
-         "--data_dir", str(small_cmapss)],
+         "--data", f"{small_cmapss}/FD001"],
         cwd=REPO, capture_output=True, text=True, timeout=300, check=True)
     header, rule, row = proc.stdout.strip().splitlines()[-3:]
     assert header.startswith("| subset | seeds | folds | test RMSE |") and "peak memory (MB)" in header
@@ -38,8 +38,8 @@ def test_overhead_bench_prints_the_ratio():
 
 
 def test_threads_bench_prints_a_row_per_setting(small_cmapss):
-    proc = subprocess.run([sys.executable, "bench/threads.py", "--threads", "1", "--epochs", "1", "--extra", "--data_dir",
-                           str(small_cmapss), "--conv_channels", "8", "--hidden_size", "8", "--gru_layers", "1"],
+    proc = subprocess.run([sys.executable, "bench/threads.py", "--threads", "1", "--epochs", "1", "--extra", "--data",
+                           f"{small_cmapss}/FD001", "--conv_channels", "8", "--hidden_size", "8", "--gru_layers", "1"],
                           cwd=REPO, capture_output=True, text=True, timeout=300, check=True)
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| 1 |")]
     assert [row.split("|")[2].strip() for row in rows] == ["alone", "busy"]

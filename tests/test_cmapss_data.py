@@ -9,14 +9,19 @@ import pytest
 import torch
 
 from common.errors import UserError
-from train_dual_task import Config, health_state, load_cmapss, smooth_per_engine
+from train_dual_task import Config, health_state, load_splits, read_runs, smooth_per_unit
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "cmapss"
 
 
+def load(cfg: Config, fold: int = 0):
+    """The script's data parts wired as it wires them: the train/val/val_cut/test windows."""
+    return load_splits(cfg, read_runs(cfg), fold)[0]
+
+
 @pytest.fixture(scope="module")
 def fd001():
-    return load_cmapss(Config(subset="FD001", data_dir=str(DATA), smoothing=0.0, cycle_feature=False))
+    return load(Config(data=f"{DATA}/FD001", smoothing=0.0, cycle_feature=False))
 
 
 def test_fd001_shapes_caps_and_engine_split(fd001):
@@ -32,7 +37,7 @@ def test_fd001_shapes_caps_and_engine_split(fd001):
 
 
 def test_the_cycle_feature_is_the_cycle_number_scaled_by_the_training_engines(fd001):
-    data = load_cmapss(Config(subset="FD001", data_dir=str(DATA), smoothing=0.0))
+    data = load(Config(data=f"{DATA}/FD001", smoothing=0.0))
     assert data["train"].x.shape[2] == 15
     torch.testing.assert_close(data["train"].x[..., :14], fd001["train"].x)  # the sensors are unchanged
     train = np.loadtxt(DATA / "train_FD001.txt.gz")
@@ -47,8 +52,8 @@ def test_the_cycle_feature_is_the_cycle_number_scaled_by_the_training_engines(fd
 
 
 def test_validation_split_depends_on_the_seed():
-    a = load_cmapss(Config(data_dir=str(DATA), seed=1))["val"].unit.unique()
-    b = load_cmapss(Config(data_dir=str(DATA), seed=2))["val"].unit.unique()
+    a = load(Config(data=f"{DATA}/FD001", seed=1))["val"].unit.unique()
+    b = load(Config(data=f"{DATA}/FD001", seed=2))["val"].unit.unique()
     assert not torch.equal(a, b)
 
 
@@ -63,7 +68,7 @@ def test_normalisation_uses_training_engines_only(fd001, tmp_path):
     test = np.loadtxt(DATA / "test_FD001.txt.gz")
     test[:, 5:] += 100.0
     np.savetxt(tmp_path / "test_FD001.txt", test, fmt="%.4f")
-    distorted = load_cmapss(Config(data_dir=str(tmp_path), smoothing=0.0, cycle_feature=False))
+    distorted = load(Config(data=f"{tmp_path}/FD001", smoothing=0.0, cycle_feature=False))
     torch.testing.assert_close(distorted["train"].x, fd001["train"].x, atol=1e-3, rtol=0)
     assert not torch.allclose(distorted["val"].x, fd001["val"].x)
     # and the training rows are standardised by their own statistics: mean ~0, std ~1 per sensor
@@ -73,7 +78,7 @@ def test_normalisation_uses_training_engines_only(fd001, tmp_path):
 
 
 def test_fd002_pads_short_test_engines_instead_of_dropping_them():
-    data = load_cmapss(Config(subset="FD002", data_dir=str(DATA)))
+    data = load(Config(data=f"{DATA}/FD002"))
     test = data["test"]
     assert test.x.shape == (259, 30, 15)  # 14 sensors + the cycle number; all 259 test engines, 6 of them shorter than 30 cycles
     raw = np.loadtxt(DATA / "test_FD002.txt.gz")
@@ -86,8 +91,8 @@ def test_fd002_pads_short_test_engines_instead_of_dropping_them():
 
 
 def test_fd002_is_normalised_per_operating_condition():
-    per_condition = load_cmapss(Config(subset="FD002", data_dir=str(DATA)))["train"].x[:, -1, :]
-    pooled = load_cmapss(Config(subset="FD002", data_dir=str(DATA), per_condition_norm=False))["train"].x[:, -1, :]
+    per_condition = load(Config(data=f"{DATA}/FD002"))["train"].x[:, -1, :]
+    pooled = load(Config(data=f"{DATA}/FD002", per_condition_norm=False))["train"].x[:, -1, :]
     # Pooled statistics leave the six regimes as clusters: the sensor spread is dominated by them.
     assert per_condition.std(0).mean() < 1.1 and pooled.std(0).mean() < 1.1
     assert not torch.allclose(per_condition, pooled)
@@ -95,8 +100,9 @@ def test_fd002_is_normalised_per_operating_condition():
 
 def test_health_states_from_rul_thresholds():
     rul = np.array([0, 15, 16, 50, 51, 125])
-    assert health_state(rul, Config()).tolist() == [2, 2, 1, 1, 0, 0]
-    assert health_state(rul, Config(healthy_above=100, critical_at_or_below=0)).tolist() == [2, 1, 1, 1, 1, 0]
+    assert health_state(rul, Config().health_thresholds).tolist() == [2, 2, 1, 1, 0, 0]  # 50, 15
+    assert health_state(rul, [100, 0]).tolist() == [2, 1, 1, 1, 1, 0]
+    assert health_state(rul, [60, 40, 15, 5]).tolist() == [4, 3, 2, 1, 1, 0]  # five states from four thresholds
 
 
 def write_gz(path, text):
@@ -120,7 +126,7 @@ def test_bad_data_files_give_a_clear_error(tmp_path, corrupt, message):
         shutil.copy(f, tmp_path / f.name)
     corrupt(tmp_path)
     with pytest.raises(UserError, match=message):
-        load_cmapss(Config(data_dir=str(tmp_path)))
+        load(Config(data=f"{tmp_path}/FD001"))
 
 
 def test_a_training_engine_shorter_than_the_window_is_named(tmp_path):
@@ -130,21 +136,21 @@ def test_a_training_engine_shorter_than_the_window_is_named(tmp_path):
     train = train[(train[:, 0] != 7) | (train[:, 1] <= 12)]  # engine 7 keeps 12 cycles
     np.savetxt(tmp_path / "train_FD001.txt", train, fmt="%.4f")
     (tmp_path / "train_FD001.txt.gz").unlink()
-    with pytest.raises(UserError, match="training engine 7 has 12 cycles, fewer than --window 30"):
-        load_cmapss(Config(data_dir=str(tmp_path)))
+    with pytest.raises(UserError, match="training unit 7 has 12 cycles, fewer than --window 30"):
+        load(Config(data=f"{tmp_path}/FD001"))
 
 
 def test_smoothing_is_causal_and_stays_within_each_engine():
     features = np.arange(12, dtype=float).reshape(6, 2)
     units = np.array([1, 1, 1, 2, 2, 2])
-    smoothed = smooth_per_engine(features, units, alpha=0.5)
+    smoothed = smooth_per_unit(features, units, alpha=0.5)
     assert smoothed[1].tolist() == [0.5 * 2 + 0.5 * 0, 0.5 * 3 + 0.5 * 1]
     assert smoothed[3].tolist() == features[3].tolist()  # a new engine starts afresh
     changed = features.copy()
     changed[2] += 100  # a later cycle never changes an earlier smoothed value
-    assert np.array_equal(smooth_per_engine(changed, units, 0.5)[:2], smoothed[:2])
-    default = load_cmapss(Config(data_dir=str(DATA)))  # smoothing 0.05 by default: the same windows, less noise
-    raw = load_cmapss(Config(data_dir=str(DATA), smoothing=0.0))
+    assert np.array_equal(smooth_per_unit(changed, units, 0.5)[:2], smoothed[:2])
+    default = load(Config(data=f"{DATA}/FD001"))  # smoothing 0.05 by default: the same windows, less noise
+    raw = load(Config(data=f"{DATA}/FD001", smoothing=0.0))
     assert default["train"].x.shape == raw["train"].x.shape
     assert default["train"].x.diff(dim=1).abs().mean() < 0.5 * raw["train"].x.diff(dim=1).abs().mean()
 
@@ -156,7 +162,7 @@ def test_validation_engines_cut_like_test_engines_match_a_hand_computation(fd001
 
     from train_dual_task import DualTaskNet, evaluate, make_loader
 
-    cfg = Config(subset="FD001", data_dir=str(DATA), smoothing=0.0, cycle_feature=False)
+    cfg = Config(data=f"{DATA}/FD001", smoothing=0.0, cycle_feature=False)
     val, cut = fd001["val"], fd001["val_cut"]
     rng = np.random.default_rng([cfg.seed, 1])
     windows, targets = [], []

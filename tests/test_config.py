@@ -79,4 +79,4 @@ def test_shipped_experiment_configs_load_and_name_their_subset(path):
     script = train_llava if path.name.startswith("llava") else train_dual_task
     cfg = parse_config(script.Config, ["--config", str(path)])
     if path.name.startswith("fd00"):
-        assert cfg.subset == path.stem.upper()
+        assert cfg.data == path.stem.upper()

@@ -123,7 +123,7 @@ def kill_after_checkpoint(out: Path, min_step: int, *commands: list) -> None:
 
 def test_dual_task_under_fsdp2_is_killed_and_resumes_bit_identically(tmp_path, small_cmapss):
     """fsdp.yaml as shipped (bf16): sharded checkpoints via torch.distributed.checkpoint, kill -9, resume."""
-    args = ["train_dual_task.py", *SMALL, "--data_dir", small_cmapss, "--batch_size", 64, "--epochs", 2,
+    args = ["train_dual_task.py", *SMALL, "--data", f"{small_cmapss}/FD001", "--batch_size", 64, "--epochs", 2,
             "--checkpoint_every", 5, "--log_every", 1]
     fsdp = [*launch(), "--config_file", "accelerate_configs/fsdp.yaml", *map(str, args)]
     run([*fsdp, "--output_dir", str(tmp_path / "straight")])
@@ -142,7 +142,7 @@ def test_dual_task_under_fsdp2_is_killed_and_resumes_bit_identically(tmp_path, s
 def test_two_machines_over_loopback_train_like_ddp_on_one_and_resume_after_a_kill_of_both(tmp_path, small_cmapss):
     """multi_node.yaml as a user runs it on each of 2 nodes (one process each, here both on 127.0.0.1): one model,
     the same as 2 processes on one machine; kill -9 of both nodes, `--resume_from latest` on both: bit-identical."""
-    args = ["train_dual_task.py", *SMALL, "--data_dir", small_cmapss, "--batch_size", 32, "--epochs", 2,
+    args = ["train_dual_task.py", *SMALL, "--data", f"{small_cmapss}/FD001", "--batch_size", 32, "--epochs", 2,
             "--checkpoint_every", 5, "--log_every", 1, "--mixed_precision", "no"]
     run([*launch(), "--config_file", "accelerate_configs/ddp.yaml", *map(str, args), "--output_dir", str(tmp_path / "ddp")])
 
@@ -185,9 +185,9 @@ def test_two_machines_over_loopback_train_like_ddp_on_one_and_resume_after_a_kil
 def test_evaluation_counts_every_sample_once_with_an_uneven_split(tmp_path):
     # FD002 has 259 test engines: one process gets a padded batch, gather_for_metrics drops the copy.
     run([*launch(), "--config_file", "accelerate_configs/ddp.yaml", "train_dual_task.py", *SMALL,
-         "--subset", "FD002", "--max_steps", "2", "--output_dir", str(tmp_path / "fd002")])
+         "--data", "FD002", "--max_steps", "2", "--output_dir", str(tmp_path / "fd002")])
     results = json.loads((tmp_path / "fd002" / "results.json").read_text())
-    assert results["test_engines"] == 259 and results["num_processes"] == 2
+    assert results["test_units"] == 259 and results["num_processes"] == 2
 
 
 # Each helper script ends like this: the gloo group is destroyed, then the process leaves without the
@@ -269,7 +269,7 @@ def test_fsdp_with_one_cpu_process_keeps_lora_fp32_over_a_bf16_base_and_fsdp_wit
     assert (results["distributed_type"], results["num_processes"], results["mixed_precision"]) == ("FSDP", 1, "bf16")
     assert (results["lora_dtype"], results["base_dtype"]) == ("float32", "bfloat16")
     env = {**os.environ, "PYTHONPATH": str(REPO), "ACCELERATE_USE_FSDP": "true"}
-    proc = subprocess.run([sys.executable, "train_dual_task.py", *SMALL, "--data_dir", str(small_cmapss),
+    proc = subprocess.run([sys.executable, "train_dual_task.py", *SMALL, "--data", f"{small_cmapss}/FD001",
                            "--output_dir", str(tmp_path / "out")], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 2

@@ -39,7 +39,7 @@ def test_two_epochs_learn_and_write_every_output(tmp_path):
     saved = json.loads((out / "results.json").read_text())
     assert saved["epochs_run"] == 2 and saved["best_epoch"] in (1, 2) and saved["num_processes"] == 1
     assert saved["distributed_type"] == "NO" and saved["mixed_precision"] == "no" and saved["seed"] == 42
-    assert saved["test_engines"] == 100
+    assert saved["test_units"] == 100
     assert saved["train_samples_per_second"] > 0 and saved["peak_memory_mb"] > 0
     # The task losses fall, and the model beats a constant guess by a wide margin (std of RUL ~ 40 cycles).
     steps = [r for r in records(out) if "train/rul_loss" in r]
@@ -216,7 +216,7 @@ def test_an_exception_during_evaluation_leaves_no_corrupt_output(tmp_path, monke
     "args, message",
     [
         (["--epochs", "1", "--lrr", "0.1"], "error: unknown config key 'lrr' in the command line (did you mean 'lr'?)"),
-        (["--data_dir", "/nonexistent/cmapss"], "error: data folder /nonexistent/cmapss not found"),
+        (["--data", "/nonexistent/cmapss/FD001"], "error: data folder /nonexistent/cmapss not found"),
         (["--epochs", "many"], "error: config key 'epochs' expects int, got 'many'"),
         (["--mixed_precision", "fp16"], "error: --mixed_precision fp16 needs a GPU"),
     ],
@@ -328,7 +328,7 @@ def test_val_metric_picks_the_best_epoch_and_stops_early_on_its_own_score(tmp_pa
     The same seed trains the same model either way until a stop."""
     by_metric = {}
     for metric, key in (("windows", "val/rmse"), ("cut", "val/rmse_cut")):
-        results = run(tmp_path, "--data_dir", str(small_cmapss), "--batch_size", "64", "--epochs", "5", "--lr", "3e-3",
+        results = run(tmp_path, "--data", f"{small_cmapss}/FD001", "--batch_size", "64", "--epochs", "5", "--lr", "3e-3",
                       "--val_metric", metric, "--early_stopping_patience", "2", name=metric)
         scores = [r[key] for r in records(tmp_path / metric) if key in r]
         best = min(range(len(scores)), key=scores.__getitem__)
@@ -347,22 +347,22 @@ def test_folds_train_one_model_per_engine_disjoint_fold_and_average_their_test_p
     with --resume_from latest to the same results."""
     from safetensors.torch import load_file
 
-    from train_dual_task import DualTaskNet, load_cmapss
+    from train_dual_task import DualTaskNet, load_splits, read_runs
 
-    args = ["--data_dir", str(small_cmapss), "--batch_size", "64", "--epochs", "2", "--folds", "2"]
+    args = ["--data", f"{small_cmapss}/FD001", "--batch_size", "64", "--epochs", "2", "--folds", "2"]
     results = run(tmp_path, *args, name="straight")
     out = tmp_path / "straight"
     assert results["folds"] == 2 and [f["fold"] for f in results["per_fold"]] == [1, 2]
-    val_engines = [set(f["val_engines"]) for f in results["per_fold"]]
-    assert not val_engines[0] & val_engines[1] and val_engines[0] | val_engines[1] == set(range(1, 11))
+    val_units = [set(f["val_units"]) for f in results["per_fold"]]
+    assert not val_units[0] & val_units[1] and val_units[0] | val_units[1] == set(range(1, 11))
     assert not (out / "model.safetensors").exists() and (out / "test_predictions.png").is_file()
-    cfg = Config(data_dir=str(small_cmapss), folds=2, conv_channels=16, hidden_size=16, gru_layers=1)
+    cfg = Config(data=f"{small_cmapss}/FD001", folds=2, conv_channels=16, hidden_size=16, gru_layers=1)
     predictions = []
     for fold in range(2):
         assert json.loads((out / f"fold_{fold + 1}" / "results.json").read_text()) == results["per_fold"][fold]
         model = DualTaskNet(num_features=15, cfg=cfg).eval()
         model.load_state_dict(load_file(out / f"fold_{fold + 1}" / "model.safetensors"))
-        test = load_cmapss(cfg, fold)["test"]  # normalised with this fold's training engines
+        test = load_splits(cfg, read_runs(cfg), fold)[0]["test"]  # normalised with this fold's training units
         with torch.no_grad():
             pred = (model(test.x)[0] * cfg.rul_cap).clamp(0, cfg.rul_cap)
         assert torch.sqrt(((pred - test.rul) ** 2).mean()).item() == pytest.approx(results["per_fold"][fold]["test_rmse"],
