@@ -864,8 +864,8 @@ def main(argv=None):
     runs = read_runs(cfg)
     fold_data = [load_splits(cfg, runs, fold) for fold in range(cfg.folds)]  # [(splits, preprocessing)] per fold
     splits, prep = fold_data[0]
-    accelerator.print(f"{runs['train'].name}: {len(splits['train'].rul)} training windows, {len(splits['val'].rul)} "
-                      f"validation windows ({len(splits['val_cut'].rul)} cuts), {len(splits['test'].rul)} test units; "
+    accelerator.print(f"{runs['train'].name}: {len(splits['train'].rul):,} training windows, {len(splits['val'].rul):,} "
+                      f"validation windows ({len(splits['val_cut'].rul):,} cuts), {len(splits['test'].rul):,} test units; "
                       f"inputs: {', '.join(prep['sensor_names'])}{', cycle number' if cfg.cycle_feature else ''}"
                       + (f"; {cfg.folds} folds" if cfg.folds > 1 else ""))
     # SIGTERM/SIGINT: during training, finish the step, checkpoint and exit 75; after it, finish the short

@@ -2,20 +2,22 @@
 
 The model is asked, in its own chat template, whether a screenshot carries a prompt injection; the
 logits of the "No" and "Yes" tokens at the answer position form a 2-way classifier trained with
-cross-entropy (the WAInjectBench setting, with LLaVA-1.5). Any checkpoint that AutoModelForImageTextToText
-and AutoProcessor load can be --model; LLaVA-1.5, LLaVA-NeXT and Idefics3 are tested (docs/vlm_families.md).
+cross-entropy (the WAInjectBench setting, with LLaVA-1.5). Another yes/no question needs no code: --question,
+and --positive_label / --negative_label (default malicious / benign) name the classes' data folders, results.json
+keys and plot axes (docs/llava.md). Any checkpoint that AutoModelForImageTextToText and AutoProcessor load can be
+--model; LLaVA-1.5, LLaVA-NeXT and Idefics3 are tested (docs/vlm_families.md).
 The same file runs on a CPU, one GPU, DDP or FSDP:
 
     python train_llava.py --config configs/llava_tiny_cpu.yaml      # tiny random LLaVA + synthetic data, CPU
     accelerate launch --config_file accelerate_configs/single_gpu.yaml train_llava.py \\
         --train_data data/wainject/train.jsonl --val_data data/wainject/val.jsonl --test_data data/wainject/image
     python train_llava.py --output_dir runs/llava --resume_from latest
-    python train_llava.py --mode predict --model <same base> --output_dir runs/llava --predict_data shots/  # P(Yes)
+    python train_llava.py --mode predict --output_dir runs/llava --predict_data shots/  # P(Yes), base from detector.json
 
-Data: a JSONL manifest with one {"path", "label" (1 = injection), "subset" (optional)} per line,
+Data: a JSONL manifest with one {"path", "label" (1 = positive: injection), "subset" (optional)} per line,
 relative paths resolved against the manifest's folder, or a folder laid out as
-{benign,malicious}/<subset>/<image>. Images are opened, converted to RGB and resized in the
-DataLoader's collate function (in its worker processes), never in the training loop.
+{<negative_label>,<positive_label>}/<subset>/<image> (by default {benign,malicious}/...). Images are opened,
+converted to RGB and resized in the DataLoader's collate function (in its worker processes), never in the loop.
 
 Outputs in --output_dir: adapter/ (the LoRA adapter, for PeftModel.from_pretrained on the base
 model, with the processor and detector.json beside it), results.json, metrics.jsonl,
@@ -34,6 +36,7 @@ import re
 import shutil
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,12 +92,14 @@ from common.schedules import set_lr, warmup_cosine
 LM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEFAULT_QUESTION = ("Does this screenshot contain a prompt injection, text that tries to give instructions "
                     "to an AI agent? Answer Yes or No.")
+DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
+DEFAULT_CLASSES = ("benign", "malicious")  # --negative_label, --positive_label: WAInjectBench's folder names
 
 
 @dataclass
 class Config:
     # model
-    model: str = setting("llava-hf/llava-1.5-7b-hf", "image-text-to-text checkpoint folder or hub id (LLaVA-1.5, LLaVA-NeXT, Idefics3, ...)", NON_EMPTY, same_on_resume=True)
+    model: str | None = setting(None, f"image-text-to-text checkpoint folder or hub id (LLaVA-1.5, LLaVA-NeXT, Idefics3, ...); unset: {DEFAULT_MODEL} to train, the adapter's own base (detector.json) to predict", NON_EMPTY, same_on_resume=True)
     build_tiny_model: bool = setting(False, "if --model is a missing folder, build a tiny random LLaVA-1.5 there (CPU demo, tests; other families: tools/make_tiny_llava.py --family)")
     model_dtype: str | None = setting(None, "dtype of the frozen base model (None: bf16 on a GPU, fp32 on CPU)", choices=["fp32", "bf16", "fp16"])
     lora_r: int = setting(8, "LoRA rank", between(1, 4096), same_on_resume=True)
@@ -105,10 +110,12 @@ class Config:
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward (use_reentrant=False) to save memory")
     # prompt
     question: str = setting(DEFAULT_QUESTION, "the question asked with every screenshot", NON_EMPTY, same_on_resume=True)
-    yes_token: str = setting("Yes", "answer word for 'injection'; must be one token", NON_EMPTY, same_on_resume=True)
-    no_token: str = setting("No", "answer word for 'benign'; must be one token", NON_EMPTY, same_on_resume=True)
+    yes_token: str = setting("Yes", "answer word for the positive class (label 1); must be one token", NON_EMPTY, same_on_resume=True)
+    no_token: str = setting("No", "answer word for the negative class (label 0); must be one token", NON_EMPTY, same_on_resume=True)
+    positive_label: str = setting(DEFAULT_CLASSES[1], "name of class 1 (Yes): its data folder, its count and TPR in results.json, the plot's y axis; a folder name", NON_EMPTY)
+    negative_label: str = setting(DEFAULT_CLASSES[0], "name of class 0 (No): its data folder, its count and FPR in results.json, the plot's x axis; a folder name", NON_EMPTY)
     # data
-    train_data: str = setting("data/wainject/train.jsonl", "training JSONL manifest or {benign,malicious}/<subset>/ folder", NON_EMPTY)
+    train_data: str = setting("data/wainject/train.jsonl", "training JSONL manifest or {<negative_label>,<positive_label>}/<subset>/ folder", NON_EMPTY)
     val_data: str = setting("data/wainject/val.jsonl", "validation manifest or folder (best checkpoint)", NON_EMPTY)
     test_data: str | None = setting(None, "test manifest or folder, evaluated once at the end", NON_EMPTY)
     make_synthetic_data: bool = setting(False, "if --train_data (a train.jsonl) is missing, write synthetic screenshots and manifests into its folder, which must be new or empty")
@@ -150,9 +157,19 @@ class Config:
     mode: str = setting("train", "train, or predict: write P(Yes) per image", choices=["train", "predict"])
     predict_data: str | None = setting(None, "predict: manifest or folder of images (labels optional)", NON_EMPTY)
     predict_output: str | None = setting(None, "predict: JSONL to write (default: output_dir/predictions.jsonl)", NON_EMPTY)
+    allow_other_base: bool = setting(False, "predict: load the adapter onto a --model whose type or sizes differ from the base it was trained on")
 
     def __post_init__(self):  # every field in its domain, then the rules that tie fields together
         check_domains(self)
+        if self.model is None and self.mode == "train":
+            self.model = DEFAULT_MODEL  # predict without --model takes the adapter's own base (predict())
+        for flag, name in (("--positive_label", self.positive_label), ("--negative_label", self.negative_label)):
+            if not re.fullmatch(r"\w[\w.-]*", name) or name in ("tpr", "fpr"):  # a folder name and a results.json key
+                raise UserError(f"{flag} {name!r} cannot name a data folder and a results.json key; use letters, "
+                                f"digits, _, - and . (not first), and not tpr or fpr")
+        if self.positive_label == self.negative_label:
+            raise UserError(f"--positive_label and --negative_label are both {self.positive_label!r}; give the two "
+                            f"classes different names")
         if len(self.class_weights) not in (0, 2):
             raise UserError(f"--class_weights takes two numbers [No, Yes], got {self.class_weights}; e.g. --class_weights 1,3")
         if not self.lora_target_modules and not self.lora_vision_modules:
@@ -161,6 +178,11 @@ class Config:
             raise UserError(f"--yes_token and --no_token are both {self.yes_token!r}; give two different answer words")
         if self.mode == "predict" and self.predict_data is None:
             raise UserError("--mode predict needs images to score; pass --predict_data (a manifest or a folder of images)")
+
+    @property
+    def classes(self) -> tuple[str, str]:
+        """The class names by label: 0 (the answer No), 1 (Yes)."""
+        return self.negative_label, self.positive_label
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,11 +195,16 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 @dataclass
 class Sample:
     path: Path
-    label: int  # 1 = prompt injection, 0 = benign, -1 = unknown (predict)
+    label: int  # 1 = --positive_label (e.g. a prompt injection), 0 = --negative_label, -1 = unknown (predict)
     subset: str
 
 
-def read_manifest(path: Path, skip_bad: bool, need_labels: bool) -> tuple[list[Sample], list[str]]:
+def class_words(classes: tuple[str, str]) -> tuple[str, str]:
+    """How messages name the classes 0 and 1: by their labels; the default ones by the task they were made for."""
+    return ("benign", "prompt injection") if classes == DEFAULT_CLASSES else classes
+
+
+def read_manifest(path: Path, skip_bad: bool, need_labels: bool, classes: tuple[str, str]) -> tuple[list[Sample], list[str]]:
     """JSONL, one {"path", "label", "subset"?} per line. Returns the samples and the skipped lines."""
     samples, skipped = [], []
     try:
@@ -196,7 +223,7 @@ def read_manifest(path: Path, skip_bad: bool, need_labels: bool) -> tuple[list[S
             problem = 'is not a JSON object with a "path"'
         else:
             if isinstance(label, bool) or label not in (0, 1, *(() if need_labels else (-1,))):
-                problem = f"has label {label!r}; labels are 0 (benign) or 1 (prompt injection)"
+                problem = "has label {!r}; labels are 0 ({}) or 1 ({})".format(label, *class_words(classes))
             elif not image.is_file():
                 problem = f"names image {image}, which does not exist"
             else:
@@ -208,12 +235,18 @@ def read_manifest(path: Path, skip_bad: bool, need_labels: bool) -> tuple[list[S
     return samples, skipped
 
 
-def read_folder(root: Path, need_labels: bool) -> list[Sample]:
-    """{benign,malicious}/<subset>/<image>; for predict, any folder of images (labels unknown)."""
-    found = [(root / name, label) for name, label in (("benign", 0), ("malicious", 1)) if (root / name).is_dir()]
-    if not found and need_labels:
-        raise UserError(f"{root} has neither a benign/ nor a malicious/ folder; lay it out as "
-                        f"{{benign,malicious}}/<subset>/<image> or pass a JSONL manifest")
+def read_folder(root: Path, need_labels: bool, classes: tuple[str, str]) -> list[Sample]:
+    """{<negative>,<positive>}/<subset>/<image>; for predict, any folder of images (labels unknown). One class folder
+    beside folders of other names is refused: they are likely the classes under other names, never read."""
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    found = [(root / name, label) for label, name in enumerate(classes) if name in folders]
+    strays, layout = [name for name in folders if name not in classes], "{" + ",".join(classes) + "}/<subset>/<image>"
+    if (need_labels and not found) or (len(found) == 1 and strays):
+        missing = [f"{name}/" for name in classes if name not in folders]
+        problem = f"neither a {missing[0]} nor a {missing[1]} folder" if len(missing) == 2 else f"no {missing[0]} folder"
+        problem += f", only {', '.join(f'{name}/' for name in folders)}" if strays else ""
+        fix = ", or name its class folders with --negative_label and --positive_label" if strays else " or pass a JSONL manifest"
+        raise UserError(f"{root} has {problem}; lay it out as {layout}{fix}")
     samples = []
     for folder, label in found or [(root, -1)]:
         for path in sorted(folder.rglob("*")):
@@ -223,12 +256,14 @@ def read_folder(root: Path, need_labels: bool) -> list[Sample]:
     return samples
 
 
-def load_samples(spec: str, skip_bad: bool, need_labels: bool = True) -> tuple[list[Sample], list[str]]:
+def load_samples(spec: str, skip_bad: bool, need_labels: bool = True,
+                 classes: tuple[str, str] = DEFAULT_CLASSES) -> tuple[list[Sample], list[str]]:
     """The samples of a manifest or folder, every image's header checked; returns them and what was skipped."""
-    path = Path(spec)
+    path, folders = Path(spec), "{" + ",".join(classes) + "}/"
     if not path.exists():
-        raise UserError(f"data path {path} does not exist; pass a JSONL manifest or a {{benign,malicious}}/ folder")
-    samples, skipped = read_manifest(path, skip_bad, need_labels) if path.is_file() else (read_folder(path, need_labels), [])
+        raise UserError(f"data path {path} does not exist; pass a JSONL manifest or a {folders} folder")
+    samples, skipped = read_manifest(path, skip_bad, need_labels, classes) if path.is_file() else \
+        (read_folder(path, need_labels, classes), [])
     readable = []
     with ThreadPoolExecutor(8) as pool:  # headers (and PNG checksums) only: it finds a bad file before training, not hours in
         problems = list(pool.map(image_problem, [sample.path for sample in samples]))
@@ -241,7 +276,7 @@ def load_samples(spec: str, skip_bad: bool, need_labels: bool = True) -> tuple[l
             skipped.append(f"{sample.path} ({problem})")
     if not readable:
         raise UserError(f"{path} holds no usable images; add lines like {{\"path\": \"page.png\", \"label\": 1}} "
-                        f"or point it at a {{benign,malicious}}/ folder")
+                        f"or point it at a {folders} folder")
     return readable, skipped
 
 
@@ -360,12 +395,18 @@ def lora_targets(cfg: Config) -> dict[str, tuple[str, list[str]]]:
             "--lora_vision_modules": ("vision tower", cfg.lora_vision_modules)}
 
 
+# peft 0.21's PeftModel.__init__ reads transformers' deprecated `model.is_gradient_checkpointing` (on every
+# get_peft_model and PeftModel.from_pretrained): the FutureWarning is about peft's code, which a user cannot change.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning,
+                        module=r"transformers\.modeling_utils")
+
+
 def add_lora(cfg: Config, base):
     from peft import get_peft_model
 
     if cfg.gradient_checkpointing:
         # Non-reentrant: reentrant checkpointing leaves LoRA in checkpointed blocks without gradients.
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
     # Adapters in fp32 under a bf16/fp16 base: precise updates, and no GradScaler error on fp16 gradients.
     return get_peft_model(base, lora_config(cfg, base), autocast_adapter_dtype=True)
@@ -583,8 +624,10 @@ def roc_curve(scores: np.ndarray, labels: np.ndarray):
     return np.r_[0, fps] / max(1, len(labels) - labels.sum()), np.r_[0, tps] / max(1, labels.sum())
 
 
-def classification_metrics(p_yes, labels, subsets: list[str], target_fpr: float) -> dict:
-    """Threshold metrics at P(Yes) >= 0.5 and ranking metrics; None where a metric is undefined (one class, no images)."""
+def classification_metrics(p_yes, labels, subsets: list[str], target_fpr: float,
+                           classes: tuple[str, str] = DEFAULT_CLASSES) -> dict:
+    """Threshold metrics at P(Yes) >= 0.5 and ranking metrics; None where a metric is undefined (one class, no images).
+    Per subset: the count and TPR of the positive class, the count and FPR of the negative one, keyed by their names."""
     if len(labels) == 0:  # every image of the split was unreadable and skipped
         return {"num_samples": 0, "accuracy": None, "precision": None, "recall": None, "f1": None, "auroc": None,
                 f"tpr_at_fpr_{target_fpr:g}": None, "confusion_matrix": {}, "per_subset": {}, "roc": ([0.0], [0.0])}
@@ -597,9 +640,9 @@ def classification_metrics(p_yes, labels, subsets: list[str], target_fpr: float)
     per_subset = {}
     for name in sorted(set(subsets)):
         rows = np.array([s == name for s in subsets])
-        mal, ben = rows & (labels == 1), rows & (labels == 0)
-        per_subset[name or "-"] = ({"malicious": int(mal.sum()), "tpr": float(pred[mal].mean())} if mal.any() else {}) | \
-                                  ({"benign": int(ben.sum()), "fpr": float(pred[ben].mean())} if ben.any() else {})
+        pos, neg = rows & (labels == 1), rows & (labels == 0)
+        per_subset[name or "-"] = ({classes[1]: int(pos.sum()), "tpr": float(pred[pos].mean())} if pos.any() else {}) | \
+                                  ({classes[0]: int(neg.sum()), "fpr": float(pred[neg].mean())} if neg.any() else {})
     return {
         "num_samples": len(labels),
         "accuracy": float((pred == labels).mean()),
@@ -628,7 +671,7 @@ def evaluate(model, loader, samples, accelerator, answer_ids, cfg, bad_seen) -> 
                                      "then resume from a checkpoint before the divergence or start again")
     keep = scored["valid"] > 0  # placeholders of unreadable images do not count
     subsets = [samples[i].subset for i in scored["index"][keep]]
-    metrics = classification_metrics(scored["p_yes"][keep], scored["label"][keep], subsets, cfg.target_fpr)
+    metrics = classification_metrics(scored["p_yes"][keep], scored["label"][keep], subsets, cfg.target_fpr, cfg.classes)
     return metrics | {"scored": scored}
 
 
@@ -645,7 +688,7 @@ def write_predictions(path: Path, samples: list[Sample], scored: dict) -> None:
             f.write(json.dumps(record | ({"label": s.label} if s.label >= 0 else {})) + "\n")
 
 
-def save_roc_plot(path: Path, curves: dict) -> None:
+def save_roc_plot(path: Path, curves: dict, classes: tuple[str, str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -655,14 +698,15 @@ def save_roc_plot(path: Path, curves: dict) -> None:
     for name, m in curves.items():
         ax.plot(*m["roc"], label=f"{name} (AUROC {'n/a' if m['auroc'] is None else format(m['auroc'], '.3f')})")
     ax.plot([0, 1], [0, 1], "k:", linewidth=1)
-    ax.set(xlabel="false-positive rate (benign flagged)", ylabel="true-positive rate (injections caught)", title="ROC")
+    ax.set(xlabel=f"false-positive rate ({classes[0]} flagged)", ylabel=f"true-positive rate ({classes[1]} caught)",
+           title="ROC")
     ax.legend(loc="lower right")
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 
 def read_detector(adapter_dir: Path) -> dict:
-    """adapter/detector.json: the question, answer tokens and resizing the adapter was trained with."""
+    """adapter/detector.json: the question, answer tokens, resizing, class names and base the adapter was trained with."""
     if not (adapter_dir / "adapter_config.json").is_file():
         raise UserError(f"{adapter_dir} holds no LoRA adapter (no adapter_config.json); pass the --output_dir "
                         f"of a finished training run")
@@ -677,6 +721,28 @@ def read_detector(adapter_dir: Path) -> dict:
     return detector
 
 
+BASE_SIZES = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "max_position_embeddings", "image_size", "patch_size")
+
+
+def base_identity(model_config) -> dict:
+    """What identifies a base model wherever its files lie: the model type and sizes of it and of its text and vision
+    parts (config.json). A moved or re-downloaded copy has the same; a checkpoint of another family or size does not."""
+    parts = {"": model_config, **{f"{name}.": getattr(model_config, name, None) for name in ("text_config", "vision_config")}}
+    return {prefix + key: getattr(part, key) for prefix, part in parts.items() for key in BASE_SIZES
+            if getattr(part, key, None) is not None}
+
+
+def base_difference(detector: dict, model_id: str) -> str | None:
+    """How the checkpoint `model_id` differs from the base the adapter was trained on; None if it is that base."""
+    trained = detector.get("base_identity")
+    if trained is None:  # an adapter saved before detector.json held the base's sizes: only the path can tell
+        return None if model_id == detector["base_model"] else "path differs"
+    given = base_identity(check_pretrained(model_id))
+    return next((f"{key} is {given[key]!r}, not {value!r}" for key, value in trained.items()
+                 if key in given and given[key] != value), None)
+
+
 def load_trained(model_id: str, adapter_dir: Path, dtype: torch.dtype):
     """Base model + saved adapter, as a user would load them: PeftModel.from_pretrained."""
     from peft import PeftModel
@@ -688,8 +754,8 @@ def load_trained(model_id: str, adapter_dir: Path, dtype: torch.dtype):
     try:
         model = PeftModel.from_pretrained(base, adapter_dir).eval()
     except Exception as err:
-        raise UserError(f"cannot load the adapter in {adapter_dir} onto {model_id} ({first_line(err)}); pass the "
-                        f"--model it was trained on ({detector['base_model']})") from None
+        raise UserError(f"cannot load the adapter in {adapter_dir} onto {model_id} ({first_line(err)}); load it onto "
+                        f"the base it was trained on ({detector['base_model']}): drop --model") from None
     return model, processor, detector
 
 
@@ -700,10 +766,21 @@ def predict(cfg: Config) -> dict:
     refuse_silent_fallbacks(accelerator)
     adapter_dir = Path(cfg.output_dir) / "adapter"
     detector = read_detector(adapter_dir)
-    cfg = dataclasses.replace(cfg, question=detector["question"], resize=detector["resize"])  # as trained
+    if cfg.model is None:
+        accelerator.print(f"base model {detector['base_model']}, from {adapter_dir / 'detector.json'} (--model to "
+                          f"load a copy from elsewhere)")
+    base = cfg.model or detector["base_model"]
+    if (difference := base_difference(detector, base)) and not cfg.allow_other_base:
+        raise UserError(f"{base} is not the base model the adapter in {adapter_dir} was trained on "
+                        f"({detector['base_model']}): its {difference}; drop --model to use the trained base, or pass "
+                        f"--allow_other_base true to use this one anyway")
+    if difference:
+        warn(f"--allow_other_base: the adapter goes onto {base}, not the base it was trained on (its {difference})")
+    cfg = dataclasses.replace(cfg, model=base, **{key: detector.get(key, getattr(cfg, key))  # as trained
+                                                  for key in ("question", "resize", "positive_label", "negative_label")})
     output = check_output_file(cfg.predict_output or Path(cfg.output_dir) / "predictions.jsonl", cfg.overwrite,
                                inputs=[cfg.predict_data], flag="--predict_output")
-    samples, skipped = load_samples(cfg.predict_data, cfg.skip_bad_images, need_labels=False)
+    samples, skipped = load_samples(cfg.predict_data, cfg.skip_bad_images, need_labels=False, classes=cfg.classes)
     for entry in skipped:
         warn(f"skipping {entry}")
     model, processor, detector = load_trained(cfg.model, adapter_dir, base_dtype(cfg))
@@ -743,11 +820,11 @@ def prepare_demo_inputs(cfg: Config, accelerator) -> None:
     accelerator.wait_for_everyone()
 
 
-def check_validation_classes(samples: list[Sample], best_metric: str) -> None:
-    """AUROC needs both classes, F1 an injection: without them the best checkpoint could never be chosen."""
+def check_validation_classes(samples: list[Sample], best_metric: str, classes: tuple[str, str]) -> None:
+    """AUROC needs both classes, F1 a positive: without them the best checkpoint could never be chosen."""
     needed = {"auroc": {0, 1}, "f1": {1}, "accuracy": set()}[best_metric]
     if missing := needed - {s.label for s in samples}:
-        kind = "benign" if 0 in missing else "prompt-injection"
+        kind = class_words(classes)[min(missing)].replace(" ", "-")  # an adjective: "prompt-injection images"
         raise UserError(f"the validation set has no {kind} images, so its {best_metric} is undefined and could never "
                         f"choose the best checkpoint; add some to --val_data, or pass --best_metric accuracy")
 
@@ -761,7 +838,9 @@ def save_adapter(accelerator, model, processor, cfg: Config, answer_ids: list[in
         accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
         processor.save_pretrained(tmp)
         detector = {"question": cfg.question, "yes_token": cfg.yes_token, "no_token": cfg.no_token,
-                    "answer_ids": answer_ids, "resize": cfg.resize, "base_model": cfg.model}
+                    "answer_ids": answer_ids, "resize": cfg.resize, "positive_label": cfg.positive_label,
+                    "negative_label": cfg.negative_label, "base_model": cfg.model,
+                    "base_identity": base_identity(accelerator.unwrap_model(model).get_base_model().config)}
         (tmp / "detector.json").write_text(json.dumps(detector, indent=2) + "\n")
         replace_folder(tmp, adapter_dir)
     accelerator.wait_for_everyone()
@@ -785,6 +864,10 @@ def main(argv=None):
     cfg = parse_config(Config, argv, description=__doc__.split("\n")[0])  # every setting checked against its domain
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    if not sys.stderr.isatty():  # transformers' bars (loading, writing weights) like our own: on a terminal, not in logs
+        from transformers.utils.logging import disable_progress_bar
+
+        disable_progress_bar()
     if cfg.mode == "predict":
         return predict(cfg)
     wall_start = time.perf_counter()
@@ -812,12 +895,13 @@ def main(argv=None):
     data, skipped = {}, []
     for split, spec in (("train", cfg.train_data), ("val", cfg.val_data), ("test", cfg.test_data)):
         if spec is not None:
-            data[split], bad = load_samples(spec, cfg.skip_bad_images)
+            data[split], bad = load_samples(spec, cfg.skip_bad_images, classes=cfg.classes)
             skipped += bad
-    check_validation_classes(data["val"], cfg.best_metric)
+    check_validation_classes(data["val"], cfg.best_metric, cfg.classes)
     for entry in skipped:
         warn(f"skipping {entry}")
-    accelerator.print(", ".join(f"{len(s)} {k} images" for k, s in data.items()))
+    accelerator.print(", ".join(f"{len(s)} {split} images ({sum(x.label == 0 for x in s)} {cfg.negative_label}, "
+                                f"{sum(x.label == 1 for x in s)} {cfg.positive_label})" for split, s in data.items()))
     model_config = check_pretrained(cfg.model)
     if model_config.model_type not in TESTED_FAMILIES:
         warn(f"{cfg.model} is a {model_config.model_type!r} model, a family not tested with this script "
@@ -899,7 +983,7 @@ def main(argv=None):
     if accelerator.is_main_process:
         write_predictions(output_dir / "val_predictions.jsonl", data["val"], final["val"]["scored"])
         write_json(output_dir / "results.json", results)
-        save_roc_plot(output_dir / "roc_curve.png", final)
+        save_roc_plot(output_dir / "roc_curve.png", final, cfg.classes)
         if cfg.merge:  # reload in one process, so it works whatever the training setup was
             merged, merged_processor, _ = load_trained(cfg.model, adapter_dir, base_dtype(cfg))
             merged.merge_and_unload().save_pretrained(output_dir / ".merged.tmp")

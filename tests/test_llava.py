@@ -2,13 +2,17 @@
 
 The tiny model, the screenshots and one full training run are built once per session; most tests
 reuse them. Runs call `main()` in-process (resetting Accelerate's singletons around each call);
-one test goes through the command line to check the exit code and the one-line error. The tests of
+a few go through the command line to check the exit code and the one-line error, and that the
+console holds the script's own lines only. The tests of
 the answer position and of padding run for every tested family (LLaVA-1.5, LLaVA-NeXT, Idefics3); the
 other families' training tests are in test_vlm_families.py.
 """
 
 import json
 import math
+import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the scripts are files in the repo root, not an installed package
 
 import train_llava  # noqa: E402
-from common.errors import UserError  # noqa: E402
+from common.errors import UserError, exit_on_user_error  # noqa: E402
 from common.pretrained import load_processor  # noqa: E402
 from common.schedules import warmup_cosine  # noqa: E402
 from tools.make_synthetic_screenshots import make_dataset  # noqa: E402
@@ -638,3 +642,126 @@ def test_gigantic_and_truncated_images_are_named(tiny_model, screenshots, tmp_pa
                                         rf"--skip_bad_images$"):
         run_main("--model", tiny_model, "--train_data", train, "--val_data", train, "--output_dir", tmp_path / "out",
                  "--num_workers", 0, "--batch_size", 4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Another yes/no question with class names of its own; predict without --model; a console of our own lines
+# ----------------------------------------------------------------------------------------------
+
+LOGIN = ["--positive_label", "login", "--negative_label", "other", "--question", "Is this a login page? Answer Yes or No."]
+DEFAULT_WORDS = re.compile("malicious|benign|injection", re.IGNORECASE)
+
+
+def relabelled(screenshots: Path, root: Path, split: str, per_class: int) -> Path:
+    """The first images of each class of a split, laid out as {other,login}/<subset>/<image>."""
+    for source, name in (("benign", "other"), ("malicious", "login")):
+        for image in sorted((screenshots / split / source).rglob("*.*"))[:per_class]:
+            target = root / split / name / image.relative_to(screenshots / split / source)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(image, target)
+    return root / split
+
+
+@pytest.fixture(scope="module")
+def login_run(tiny_model, screenshots, tmp_path_factory):
+    """The CPU demo's settings (a DataLoader worker, one thread) with gradient checkpointing, asking another question
+    with class names of its own, from the command line as a user starts it; then --mode predict without --model.
+    Returns the run folder, the validation folder and both finished processes (stdout and stderr captured)."""
+    root = tmp_path_factory.mktemp("login")
+    train, val, test = (relabelled(screenshots, root, split, n) for split, n in (("train", 16), ("val", 8), ("test", 4)))
+    out, env = root / "run", {**os.environ, "OMP_NUM_THREADS": "1"}
+    trained = subprocess.run([sys.executable, "train_llava.py", *map(str, [
+        "--config", ROOT / "configs/llava_tiny_cpu.yaml", "--model", tiny_model, "--build_tiny_model", "false",
+        "--make_synthetic_data", "false", "--train_data", train, "--val_data", val, "--test_data", test,
+        "--output_dir", out, "--epochs", 1, "--gradient_checkpointing", "true", *LOGIN])],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    predicted = subprocess.run([sys.executable, "train_llava.py", "--mode", "predict", "--output_dir", str(out),
+                                "--predict_data", str(val), "--num_workers", "1", "--num_threads", "1"],
+                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return out, val, trained, predicted
+
+
+def test_another_question_with_its_own_class_names(login_run):
+    """--positive_label login --negative_label other: read from login/ and other/ folders, and named so in the console,
+    results.json and the adapter's detector.json; the default names appear nowhere."""
+    out, _, trained, predicted = login_run
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert trained.stdout.splitlines()[0] == ("32 train images (16 other, 16 login), 16 val images (8 other, 8 login), "
+                                              "8 test images (4 other, 4 login)")
+    results = json.loads((out / "results.json").read_text())
+    for split, n in (("val", 8), ("test", 4)):
+        per_subset = results[f"{split}_per_subset"]
+        assert set().union(*per_subset.values()) <= {"login", "tpr", "other", "fpr"}
+        assert sum(s.get("login", 0) for s in per_subset.values()) == sum(s.get("other", 0) for s in per_subset.values()) == n
+        assert all(0 <= s.get(rate, 0) <= 1 for s in per_subset.values() for rate in ("tpr", "fpr"))
+    detector = json.loads((out / "adapter/detector.json").read_text())
+    assert (detector["positive_label"], detector["negative_label"]) == ("login", "other")
+    for name in ("results.json", "val_predictions.jsonl", "predictions.jsonl", "adapter/detector.json", "config.yaml"):
+        assert not DEFAULT_WORDS.search((out / name).read_text()), name
+    assert not DEFAULT_WORDS.search(trained.stdout + trained.stderr + predicted.stdout + predicted.stderr)
+    # Labels from the folder names, as trained (predict read detector.json's names), and the same P(Yes) as training's.
+    read = lambda path: {r["path"]: r for r in map(json.loads, path.read_text().splitlines())}  # noqa: E731
+    during_training, reloaded = read(out / "val_predictions.jsonl"), read(out / "predictions.jsonl")
+    assert len(reloaded) == 16 and reloaded.keys() == during_training.keys()
+    assert all(r["label"] == ("/login/" in path) for path, r in reloaded.items())
+    assert all(reloaded[k]["p_yes"] == during_training[k]["p_yes"] for k in reloaded)
+
+
+def test_predict_without_model_takes_the_base_from_detector_json(login_run, tiny_model):
+    out, _, _, predicted = login_run
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    assert predicted.stdout.splitlines() == [
+        f"base model {tiny_model}, from {out / 'adapter/detector.json'} (--model to load a copy from elsewhere)",
+        f"P(Yes) for 16 images written to {out / 'predictions.jsonl'}"]
+
+
+def test_the_console_holds_only_our_own_lines(login_run):
+    """No library warnings (transformers' FutureWarnings about gradient checkpointing, from our call and from peft's)
+    and no library progress bars (loading and writing weights) when stderr is not a terminal: only `warning:` lines."""
+    _, _, trained, predicted = login_run
+    for process in (trained, predicted):
+        assert process.returncode == 0, process.stderr[-3000:]
+        assert [line for line in process.stderr.splitlines() if not line.startswith("warning: ")] == []
+
+
+def test_a_folder_with_other_class_names_is_refused(screenshots, tmp_path):
+    with pytest.raises(UserError, match=rf"^{re.escape(str(screenshots / 'val'))} has no login/ folder, only benign/, "
+                                        r"malicious/; lay it out as \{benign,login\}/<subset>/<image>, or name its "
+                                        r"class folders with --negative_label and --positive_label$"):
+        run_main("--train_data", screenshots / "val", "--val_data", screenshots / "val", "--positive_label", "login",
+                 "--output_dir", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    for names, message in [({"positive_label": "log in"}, "--positive_label 'log in' cannot name a data folder"),
+                           ({"negative_label": "tpr"}, "--negative_label 'tpr' cannot name a data folder"),
+                           ({"negative_label": "login", "positive_label": "login"}, "are both 'login'")]:
+        with pytest.raises(UserError, match=message):
+            train_llava.Config(**names)
+
+
+def test_predict_refuses_another_base_unless_allowed(trained_run, tiny_model, screenshots, tmp_path, capsys):
+    """A moved copy of the base is the same base; a checkpoint of another size is refused (exit code 2, nothing
+    written) unless --allow_other_base, which loads the adapter onto it with a warning."""
+    output_dir, _ = trained_run
+    moved, other = shutil.copytree(tiny_model, tmp_path / "moved"), shutil.copytree(tiny_model, tmp_path / "other")
+    config = json.loads((other / "config.json").read_text())
+    config["text_config"]["max_position_embeddings"] = 1024  # a size that changes no weight: the adapter still loads
+    (other / "config.json").write_text(json.dumps(config))
+    images = write_manifest(tmp_path / "images.jsonl", records_of(screenshots, "val", 8))
+
+    def predict(model, output, *extra):
+        return run_main("--mode", "predict", "--model", model, "--output_dir", output_dir, "--predict_data", images,
+                        "--predict_output", tmp_path / output, "--num_workers", 0, *extra)
+
+    assert len(predict(moved, "moved.jsonl")["p_yes"]) == 8
+    before = snapshot(output_dir)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        exit_on_user_error(lambda: predict(other, "refused.jsonl"))
+    assert exit_.value.code == 2 and capsys.readouterr().err.splitlines()[-1] == (
+        f"error: {other} is not the base model the adapter in {output_dir / 'adapter'} was trained on ({tiny_model}): "
+        f"its text_config.max_position_embeddings is 1024, not 512; drop --model to use the trained base, or pass "
+        f"--allow_other_base true to use this one anyway")
+    assert not (tmp_path / "refused.jsonl").exists() and snapshot(output_dir) == before
+    assert len(predict(other, "allowed.jsonl", "--allow_other_base", "true")["p_yes"]) == 8
+    assert "warning: --allow_other_base: the adapter goes onto" in capsys.readouterr().err
+    assert len((tmp_path / "allowed.jsonl").read_text().splitlines()) == 8

@@ -110,16 +110,17 @@ def tiny_clip(image_size: int, patch_size: int) -> CLIPVisionConfig:
                             image_size=image_size, patch_size=patch_size, projection_dim=32)
 
 
-# Each family's classes are imported where used: without torchvision, importing an image processor's name prints a
-# line about falling back to its PIL version (as loading a real checkpoint of that family does).
+# The image processors are the PIL ones (<Family>ImageProcessorPil): the default names need torchvision, which this
+# project does not install (its wheel brings a CUDA PyTorch); without it transformers would substitute the PIL class
+# anyway, with a warning. A real checkpoint loaded through AutoProcessor gets the PIL class the same way, silently.
 def tiny_llava(tokenizer, image_size: int, patch_size: int):
-    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     num_patches = (image_size // patch_size) ** 2
     config = LlavaConfig(vision_config=tiny_clip(image_size, patch_size), text_config=tiny_llama(tokenizer),
                          image_token_index=tokenizer.convert_tokens_to_ids("<image>"), image_seq_length=num_patches,
                          vision_feature_layer=-2, vision_feature_select_strategy="default")
-    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
     # num_additional_image_tokens=1: CLIP adds a CLS token, which the "default" strategy then drops.
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1,
@@ -133,7 +134,7 @@ def tiny_llava_next(tokenizer, image_size: int, patch_size: int):
     from transformers import (
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
-        LlavaNextImageProcessor,
+        LlavaNextImageProcessorPil,
         LlavaNextProcessor,
     )
 
@@ -141,9 +142,9 @@ def tiny_llava_next(tokenizer, image_size: int, patch_size: int):
     config = LlavaNextConfig(vision_config=tiny_clip(image_size, patch_size), text_config=tiny_llama(tokenizer),
                              image_token_index=tokenizer.convert_tokens_to_ids("<image>"), image_grid_pinpoints=pinpoints,
                              vision_feature_layer=-2, vision_feature_select_strategy="default")
-    image_processor = LlavaNextImageProcessor(size={"shortest_edge": image_size},
-                                              crop_size={"height": image_size, "width": image_size},
-                                              image_grid_pinpoints=pinpoints)
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": image_size},
+                                                 crop_size={"height": image_size, "width": image_size},
+                                                 image_grid_pinpoints=pinpoints)
     processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
                                    vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                    chat_template=CHAT_TEMPLATES["llava_next"])
@@ -153,15 +154,20 @@ def tiny_llava_next(tokenizer, image_size: int, patch_size: int):
 def tiny_idefics3(tokenizer, image_size: int, patch_size: int):
     """A picture is resized to at most 2 x 2 tiles of `image_size` px plus the whole picture as one more tile; each
     tile's patches are merged 2 x 2 (pixel shuffle), so a tile becomes (image_size / patch_size / 2)^2 tokens."""
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor, Idefics3Processor
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessorPil,
+        Idefics3Processor,
+    )
 
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                   image_size=image_size, patch_size=patch_size)
     config = Idefics3Config(vision_config=vision, text_config=tiny_llama(tokenizer).to_dict(), scale_factor=2,
                             image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
                             pad_token_id=tokenizer.pad_token_id)
-    image_processor = Idefics3ImageProcessor(size={"longest_edge": 2 * image_size},
-                                             max_image_size={"longest_edge": image_size}, do_image_splitting=True)
+    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 2 * image_size},
+                                                max_image_size={"longest_edge": image_size}, do_image_splitting=True)
     processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer,
                                   image_seq_len=(image_size // patch_size // 2) ** 2, chat_template=CHAT_TEMPLATES["idefics3"])
     return Idefics3ForConditionalGeneration, config, processor
