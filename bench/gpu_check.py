@@ -358,7 +358,7 @@ def build_lora_model(arm: str, config, cfg, device):
         base = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
     if arm == "project":
         return train_llava.add_lora(cfg, base)
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
     base.enable_input_require_grads()  # reentrant checkpointing needs an input that requires grad
     return get_peft_model(base, train_llava.lora_config(cfg, base), autocast_adapter_dtype=True)
 
