@@ -117,7 +117,10 @@ class Config:
     keep_checkpoints: int = setting(2, "how many recent checkpoints to keep", at_least(1))
     resume_from: str | None = setting(None, "'latest' or a checkpoint folder", NON_EMPTY)
     report_to: str = setting("none", "Accelerate tracker: none, tensorboard, wandb, ...", TRACKER)
-    num_threads: int = setting(0, "PyTorch CPU threads per process (0: PyTorch's default, one per core)", between(0, 1024))
+    # One thread holds up on a shared machine: beside another CPU-bound process PyTorch's default (one thread per core)
+    # trained at 697 samples/s, one thread at 1,508; alone 3,204 and 2,165 (bench/threads.py, 2 cores, docs/results.md).
+    num_threads: int = setting(1, "PyTorch CPU threads per process (0: PyTorch's default, one per core: faster alone, "
+                               "several times slower beside another busy process)", between(0, 1024))
     # predict
     mode: str = setting("train", "train, or predict: RUL and health state for the last cycle of each unit in --predict_data, "
                         "with the model(s) and preprocessing saved in --output_dir", choices=["train", "predict"])

@@ -44,6 +44,8 @@ def spearman(a, b) -> float:
 def one_run(argv: list[str], workdir: Path) -> list[dict]:
     """Train as the script does; return per epoch {windows, cut, test} RMSE of the EMA weights."""
     cfg = parse_config(tdt.Config, argv)
+    if cfg.num_threads:  # as the script's main() does (--num_threads 0: PyTorch's default)
+        torch.set_num_threads(cfg.num_threads)
     AcceleratorState._reset_state(True)
     accelerator = Accelerator(cpu=True)
     tdt.set_seed(cfg.seed)
