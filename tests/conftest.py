@@ -3,7 +3,8 @@
 The suite runs in parallel (pyproject.toml: `-n auto --dist loadfile`, one pytest worker per core, a test
 file per worker), so every test process and every process it starts gets one OpenMP thread: PyTorch's
 default of one thread per core would have each process's threads spin-waiting for cores that another
-worker holds. The multi-process tests stay in one file, so they never run beside each other.
+worker holds. The multi-process tests stay in one file (test_distributed.py), so they never run beside each
+other; only test_docs.py's quickstart commands (two of them `accelerate launch`) may run beside one of them.
 
 The default profile ("ci") is derandomized: the same examples on every run, so CI cannot go red by
 luck; it does not shrink a failing example (each one is a run), it reports it as drawn. `HYPOTHESIS_PROFILE=explore python -m pytest tests/test_bad_input.py` draws new random examples,
