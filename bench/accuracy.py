@@ -1,6 +1,6 @@
 """Train train_dual_task.py with its defaults and print a table of accuracy and time.
 
-    python bench/accuracy.py                                   # FD001, seed 42 (about 5 minutes on 2 cores)
+    python bench/accuracy.py                                   # FD001, seed 42: configs/fd001.yaml, 3 folds (about 8 minutes on 2 cores)
     python bench/accuracy.py --subsets FD001 FD003 --seeds 1 2 3
     python bench/accuracy.py --extra --epochs 10               # anything after --extra goes to the script
 
