@@ -606,15 +606,14 @@ def evaluate(model, loader, accelerator, rul_cap: int) -> dict:
     if not torch.isfinite(pred).all():  # weights that overflowed: no result is better than a meaningless one
         raise NonFiniteTrainingError("the model's predictions are not finite (its weights diverged); lower --lr, "
                                      "then resume from a checkpoint before the divergence or start again")
-    return {
-        "rmse": torch.sqrt(((pred - true) ** 2).mean()).item(),
-        "health_accuracy": (torch.cat(probs).argmax(-1) == torch.cat(healths)).float().mean().item(),
-        "num_samples": len(true),
-        "pred": pred.cpu(),
-        "true": true.cpu(),
-        "health_prob": torch.cat(probs).cpu(),  # for a fold ensemble
-        "health": torch.cat(healths).cpu(),
-    }
+    return prediction_scores(pred.cpu(), true.cpu(), torch.cat(probs).cpu(), torch.cat(healths).cpu())
+
+
+def prediction_scores(pred: torch.Tensor, true: torch.Tensor, health_prob: torch.Tensor, health: torch.Tensor) -> dict:
+    """RMSE in cycles and health accuracy, with the predictions they came from (a fold ensemble averages those)."""
+    return {"rmse": torch.sqrt(((pred - true) ** 2).mean()).item(),
+            "health_accuracy": (health_prob.argmax(-1) == health).float().mean().item(), "num_samples": len(true),
+            "pred": pred, "true": true, "health_prob": health_prob, "health": health}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -811,13 +810,9 @@ def write_predictions(path: Path, units, pred: torch.Tensor, health_prob: torch.
     os.replace(tmp, path)
 
 
-def test_scores(pred: torch.Tensor, true: torch.Tensor, health_prob: torch.Tensor, health: torch.Tensor,
-                cfg: Config) -> dict:
-    """The test set's numbers, from its predictions: RMSE in cycles, the PHM08 score (--phm08), health accuracy."""
-    return {"rmse": torch.sqrt(((pred - true) ** 2).mean()).item(),
-            "score": phm08_score(pred, true) if cfg.phm08 else None,
-            "health_accuracy": (health_prob.argmax(-1) == health).float().mean().item(), "num_samples": len(true),
-            "pred": pred, "true": true, "health_prob": health_prob, "health": health}
+def test_scores(scores: dict, cfg: Config) -> dict:
+    """The test set's numbers: prediction_scores and the PHM08 score (--phm08)."""
+    return scores | {"score": phm08_score(scores["pred"], scores["true"]) if cfg.phm08 else None}
 
 
 def report(test: dict) -> str:
@@ -925,8 +920,7 @@ def main(argv=None):
             accelerator.unwrap_model(model).load_state_dict(state.best_weights)
         else:
             ema.copy_to()  # no epoch finished (e.g. a tiny --max_steps): use the current EMA weights
-        evaluated = evaluate(model, test_loader, accelerator, cfg.rul_cap)
-        test = test_scores(evaluated["pred"], evaluated["true"], evaluated["health_prob"], evaluated["health"], cfg)
+        test = test_scores(evaluate(model, test_loader, accelerator, cfg.rul_cap), cfg)
         save_model_atomically(accelerator, model, run_dir)  # -> run_dir/model.safetensors
         results = {
             "data": runs["train"].name,
@@ -982,7 +976,7 @@ def main(argv=None):
 def ensemble_results(cfg: Config, fold_results: list[dict], fold_tests: list[dict], wall_seconds: float):
     pred = torch.stack([t["pred"] for t in fold_tests]).mean(0)
     prob = torch.stack([t["health_prob"] for t in fold_tests]).mean(0)
-    test = test_scores(pred, fold_tests[0]["true"], prob, fold_tests[0]["health"], cfg)  # the same units, in order
+    test = test_scores(prediction_scores(pred, fold_tests[0]["true"], prob, fold_tests[0]["health"]), cfg)  # same units
     keep = ("data", "num_processes", "distributed_type", "mixed_precision", "seed", "val_metric")
     results = {"test_rmse": test["rmse"], "test_score": test["score"], "test_health_accuracy": test["health_accuracy"],
                "test_units": test["num_samples"], "folds": len(fold_results),

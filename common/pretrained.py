@@ -12,6 +12,7 @@ its processor, never from a list of names: where the language model and the visi
 processor must write for a picture (`match_processor_to_model`).
 """
 
+import weakref
 from pathlib import Path
 
 import torch
@@ -132,10 +133,15 @@ def match_processor_to_model(processor, model) -> None:
         processor.num_additional_image_tokens = embeddings.num_positions - embeddings.num_patches
 
 
+_OWN_POSITIONS = weakref.WeakKeyDictionary()  # model -> answer; asked every step, found by one walk over its modules
+
+
 def builds_own_positions(model) -> bool:
     """Whether the model gives image tokens positions of its own, computed from the attention mask (Qwen2-VL's
     multimodal rotary positions: `get_rope_index`), so that 1-D positions must not be passed to it."""
-    return any(hasattr(module, "get_rope_index") for module in model.modules())
+    if model not in _OWN_POSITIONS:
+        _OWN_POSITIONS[model] = any(hasattr(module, "get_rope_index") for module in model.modules())
+    return _OWN_POSITIONS[model]
 
 
 def load_pretrained(model_class, model_id: str, **kwargs):

@@ -22,6 +22,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the scripts are files in the repo root, not an installed package
 
+from test_llava import demo_args, run_main  # noqa: E402  (the CPU demo's arguments; train_llava.main in this process)
+
 import train_llava  # noqa: E402
 from common.errors import UserError  # noqa: E402
 from common.pretrained import load_processor, model_parts  # noqa: E402
@@ -40,22 +42,6 @@ EXPECTED = {
 }
 
 
-def run_main(*args):
-    """train_llava.main in this process, with fresh Accelerate state and one intra-op thread (see test_llava.py)."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    try:
-        return train_llava.main([str(a) for a in args])
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-        torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def screenshots(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("screenshots"), {"train": 160, "val": 100, "test": 40}, seed=0)
@@ -68,12 +54,6 @@ def family_model(request, tmp_path_factory):
 
 
 RUN_EXTRA = ["--epochs", 3, "--checkpoint_every", 5, "--keep_checkpoints", 100]
-
-
-def demo_args(model, data, output_dir, *extra):
-    return ["--config", ROOT / "configs/llava_tiny_cpu.yaml", "--model", model, "--build_tiny_model", "false",
-            "--make_synthetic_data", "false", "--train_data", data / "train.jsonl", "--val_data", data / "val.jsonl",
-            "--test_data", data / "test.jsonl", "--output_dir", output_dir, "--num_workers", 0, *extra]
 
 
 @pytest.fixture(scope="module")
