@@ -1,6 +1,7 @@
 """Train train_dual_task.py with its defaults and print a table of accuracy and time.
 
-    python bench/accuracy.py                                   # FD001, seed 42: configs/fd001.yaml, 3 folds (about 8 minutes on 2 cores)
+    python bench/accuracy.py                                   # FD001, seed 42: configs/fd001.yaml, 3 folds
+                                                               # (about 8 minutes on 2 cores)
     python bench/accuracy.py --subsets FD001 FD003 --seeds 1 2 3
     python bench/accuracy.py --extra --epochs 10               # anything after --extra goes to the script
 
@@ -48,7 +49,8 @@ def main():
             result = per_model_means(json.loads((out / "results.json").read_text()))
             result["process_seconds"] = time.perf_counter() - start
             runs.append(result)
-            print(f"  {subset} seed {seed}: test RMSE {result['test_rmse']:.2f} (one model: {result['model_test_rmse']:.2f}), "
+            print(f"  {subset} seed {seed}: test RMSE {result['test_rmse']:.2f} "
+                  f"(one model: {result['model_test_rmse']:.2f}), "
                   f"score {result['test_score']:.0f}, best val RMSE {result['best_val_rmse']:.2f}, "
                   f"{result['process_seconds']:.0f} s", flush=True)
         rows.append((subset, runs))

@@ -49,7 +49,8 @@ def live_dtensor_specs() -> int:
 ARMS = {"fused AdamW + guard": (True, True), "fused AdamW": (True, False), "foreach AdamW": (False, False)}
 
 
-def measure(accelerator, fused: bool, with_guard: bool, steps: int, every: int, batch: int) -> list[tuple[int, float, int]]:
+def measure(accelerator, fused: bool, with_guard: bool, steps: int, every: int,
+            batch: int) -> list[tuple[int, float, int]]:
     cfg = tdt.Config()
     torch.manual_seed(0)
     model = tdt.DualTaskNet(num_features=15, cfg=cfg)
@@ -87,7 +88,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--every", type=int, default=250, help="read memory every this many steps")
-    parser.add_argument("--batch_size", type=int, default=8, help="the leak reported is per parameter per step, not per sample")
+    parser.add_argument("--batch_size", type=int, default=8,
+                        help="the leak reported is per parameter per step, not per sample")
     args = parser.parse_args()
     torch.set_num_threads(1)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # mixed precision from the launch config (bf16)
@@ -97,9 +99,11 @@ def main():
         start = time.perf_counter()
         readings = measure(accelerator, fused, with_guard, args.steps, args.every, args.batch_size)
         # Growth over the second half: the first steps still fill the allocator's pools and autograd's caches.
-        (s0, rss0, specs0), (s_mid, rss_mid, _), (s1, rss1, specs1) = readings[0], readings[len(readings) // 2], readings[-1]
+        (s0, rss0, specs0), (s1, rss1, specs1) = readings[0], readings[-1]
+        s_mid, rss_mid, _ = readings[len(readings) // 2]
         rows.append(f"| {name} | {rss0:.1f} @ {s0} | {rss_mid:.1f} @ {s_mid} | {rss1:.1f} @ {s1} | "
-                    f"{(rss1 - rss_mid) * 1000 / (s1 - s_mid):+.2f} | {specs0} | {specs1} | {time.perf_counter() - start:.0f} |")
+                    f"{(rss1 - rss_mid) * 1000 / (s1 - s_mid):+.2f} | {specs0} | {specs1} | "
+                    f"{time.perf_counter() - start:.0f} |")
     if accelerator.is_main_process:
         print(f"\n{accelerator.distributed_type.value}, {accelerator.num_processes} processes, {accelerator.device}, "
               f"mixed precision {accelerator.mixed_precision}, batch {args.batch_size}, torch {torch.__version__}\n")

@@ -12,7 +12,7 @@ its runs one after another; tiny settings), each run with one forced non-finite 
     before and after (the schedule is held constant, so the ratio is the backoff) and that the run
     finished (main() returned, results.json written, a finite test score);
   - accelerate_configs/fsdp.yaml with 1 process, both scripts, the same columns; the LLaVA adapter is
-    then reloaded with `train_llava.py --mode predict` (PeftModel.from_pretrained) and must reproduce
+    then reloaded with `predict_llava.py` (PeftModel.from_pretrained) and must reproduce
     the run's own validation P(Yes).
 Part 2, LoRA training throughput on LLaVA-1.5-7B's architecture with random weights (CLIP ViT-L/14 at
 336 px: 576 image tokens; a Llama-2-7B-sized language model; built locally, nothing is downloaded:
@@ -36,8 +36,8 @@ AdamW. Two arms per architecture, run one after the other in this process:
   Targets on an H100: >= 1.3x the baseline's samples/s, <= 0.7x its peak memory, MFU >= 40%.
 
 With --tiny, part 2 runs the same two arms on a tiny LLaVA and a tiny LLaVA-NeXT on the CPU (samples/s
-only: no GPU memory, no peak FLOP/s). fp16 rows need CUDA (Accelerate refuses fp16 autocast on a CPU): --tiny lists them as
-skipped. The exit code is 0 when every check passed, 1 otherwise.
+only: no GPU memory, no peak FLOP/s). fp16 rows need CUDA (Accelerate refuses fp16 autocast on a CPU): --tiny
+lists them as skipped. The exit code is 0 when every check passed, 1 otherwise.
 """
 
 import argparse
@@ -95,12 +95,13 @@ def run_child(plan_file: str) -> None:
 
     torch.nn.modules.module.register_module_forward_hook(remember_dtype)
     for run in json.loads(Path(plan_file).read_text()):
-        module = importlib.import_module({"dual": "train_dual_task", "llava": "train_llava"}[run["script"]])
+        module = importlib.import_module({"dual": "train_dual_task", "llava": "train_llava",
+                                          "llava_predict": "predict_llava"}[run["script"]])
         if run["script"] == "dual":  # AMNLLoss is called once per training micro-batch, and nowhere else
             real_call = module.AMNLLoss.__call__
             module.AMNLLoss.__call__ = lambda self, *a, real=real_call: (
                 lambda total, parts: (nan_once(total), parts))(*real(self, *a))
-        else:  # detector_loss: likewise, training only (a predict run never calls it)
+        elif run["script"] == "llava":  # detector_loss: likewise, training only
             real_loss = module.detector_loss
             module.detector_loss = lambda *a, real=real_loss: nan_once(real(*a))
         forward_dtypes.clear()
@@ -113,7 +114,7 @@ def run_child(plan_file: str) -> None:
         finally:
             if run["script"] == "dual":
                 module.AMNLLoss.__call__ = real_call
-            else:
+            elif run["script"] == "llava":
                 module.detector_loss = real_loss
             AcceleratorState._reset_state(reset_partial_state=True)
             GradientState._reset_state()
@@ -169,7 +170,8 @@ def run_all(config: str, names: list[tuple[str, str, str]], inputs: dict, workdi
              "args": [str(a) for a in script_args(script, precision, inputs, workdir / name)[1:]]}
             for name, script, precision in names] + list(then)
     (workdir / f"{config}_plan.json").write_text(json.dumps(plan))
-    proc = subprocess.run(launch(config, __file__, "--child", workdir / f"{config}_plan.json", num_processes=num_processes),
+    proc = subprocess.run(launch(config, __file__, "--child", workdir / f"{config}_plan.json",
+                                 num_processes=num_processes),
                           cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
     return [check_run(name, config + (f" x{num_processes}" if num_processes else ""), precision, workdir, proc)
             for name, _, precision in names]
@@ -188,7 +190,8 @@ def check_run(name: str, launched: str, precision: str, workdir: Path, proc) -> 
            if "train/lr" in r}
     score = results.get("test_rmse", results.get("test_auroc"))
     row |= {"distributed_type": results["distributed_type"], "fell_back_at": results["fell_back_to_fp32_at_step"],
-            "dtype_before": dtypes[INJECT_AT - 1], "dtype_after": dtypes[INJECT_AT] if len(dtypes) > INJECT_AT else None,
+            "dtype_before": dtypes[INJECT_AT - 1],
+            "dtype_after": dtypes[INJECT_AT] if len(dtypes) > INJECT_AT else None,
             "lr_ratio": lrs[INJECT_AT + 1] / lrs[INJECT_AT], "test_score": score, "output_dir": str(output_dir),
             "weight_dtypes": {k: v for k, v in results.items() if k.endswith("_dtype")}}
     row["ok"] = (row["fell_back_at"] == INJECT_AT and row["dtype_before"] == DTYPE_NAMES[precision]
@@ -198,13 +201,12 @@ def check_run(name: str, launched: str, precision: str, workdir: Path, proc) -> 
 
 
 def reload_run(inputs: dict, workdir: Path) -> dict:
-    """The fsdp.yaml run's saved adapter, loaded onto the base with PeftModel.from_pretrained (`--mode predict`)
+    """The fsdp.yaml run's saved adapter, loaded onto the base with PeftModel.from_pretrained (predict_llava.py)
     in another launch. After the fallback the run evaluated in fp32, so the reload runs in fp32 too."""
-    return {"script": "llava", "record": str(workdir / "reload.json"),
-            "args": [str(a) for a in ["--mode", "predict", "--model", inputs["model"], "--model_dtype", "fp32",
-                                      "--mixed_precision", "no", "--output_dir", workdir / "llava_fsdp",
-                                      "--predict_data", inputs["data"] / "val.jsonl", "--predict_output",
-                                      workdir / "reload_predictions.jsonl", "--num_workers", 1]]}
+    return {"script": "llava_predict", "record": str(workdir / "reload.json"),
+            "args": [str(a) for a in ["--model", inputs["model"], "--model_dtype", "fp32", "--mixed_precision", "no",
+                                      "--run_dir", workdir / "llava_fsdp", "--data", inputs["data"] / "val.jsonl",
+                                      "--output", workdir / "reload_predictions.jsonl", "--num_workers", 1]]}
 
 
 def check_adapter_reload(workdir: Path) -> dict:
@@ -241,7 +243,8 @@ def print_training_table(rows: list[dict], reload: dict) -> None:
             print(f"| {r['run']} | {r['launch']} | | {r['precision']} | | | | | "
                   f"{r.get('seconds', 0):.0f} | {'skipped' if r['ok'] is None else 'FAIL'}: {r['problem']} |")
             continue
-        print(f"| {r['run']} | {r['launch']} | {r['distributed_type']} | {r['precision']} | update {r['fell_back_at']} | "
+        print(f"| {r['run']} | {r['launch']} | {r['distributed_type']} | {r['precision']} | "
+              f"update {r['fell_back_at']} | "
               f"{r['dtype_before']} -> {r['dtype_after']} | {r['lr_ratio']:.2f} | {r['test_score']:.4g} | "
               f"{r['seconds']:.0f} | {'yes' if r['ok'] else 'FAIL'} |")
     detail = (f"max |P(Yes) difference| {reload['max_p_yes_difference']:.2e} over {reload['images']} validation images"
@@ -299,7 +302,8 @@ def processor_for(config, tokenizer):
         processor_class = LlavaNextProcessor
     else:
         image_processor, processor_class = CLIPImageProcessor(**sizes), LlavaProcessor
-    return processor_class(image_processor=image_processor, tokenizer=tokenizer, patch_size=config.vision_config.patch_size,
+    return processor_class(image_processor=image_processor, tokenizer=tokenizer,
+                           patch_size=config.vision_config.patch_size,
                            vision_feature_select_strategy="default", num_additional_image_tokens=1,
                            chat_template=CHAT_TEMPLATE)
 
@@ -319,11 +323,11 @@ def model_flops_per_sample(config, text_tokens: int, image_tokens: int | None = 
     """2 x forward matmul FLOPs (see the module docstring), from the config and the sample's token counts: LLaVA-1.5
     turns a picture into one tile's patches; LLaVA-NeXT runs the vision tower and the projector on every tile
     (`tiles`), then keeps `image_tokens` of their features (the padding cut off, a newline per row added)."""
-    import train_llava
+    from common.pretrained import used_vision_layers
 
     v, t = config.vision_config, config.text_config
     vision_tokens = (v.image_size // v.patch_size) ** 2 + 1  # + CLS
-    vision_layers = len(train_llava.used_vision_layers(config))
+    vision_layers = len(used_vision_layers(config))
     vision_per_layer = 2 * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size) * vision_tokens \
         + 4 * vision_tokens**2 * v.hidden_size
     patch_embed = 2 * 3 * v.patch_size**2 * v.hidden_size * (vision_tokens - 1)
@@ -334,8 +338,8 @@ def model_flops_per_sample(config, text_tokens: int, image_tokens: int | None = 
     lm_per_layer = 2 * (attention_weights + 3 * t.hidden_size * t.intermediate_size) * lm_tokens \
         + 4 * lm_tokens**2 * t.hidden_size
     vocabulary = 2 * t.hidden_size * t.vocab_size  # one position
-    forward = tiles * (patch_embed + vision_layers * vision_per_layer + projector) + t.num_hidden_layers * lm_per_layer \
-        + vocabulary
+    forward = tiles * (patch_embed + vision_layers * vision_per_layer + projector) \
+        + t.num_hidden_layers * lm_per_layer + vocabulary
     return 2.0 * forward
 
 
@@ -374,11 +378,12 @@ def throughput_arm(arm: str, accelerator, config, processor, samples, batch_size
     answer_ids = train_llava.answer_token_ids(processor.tokenizer, cfg.no_token, cfg.yes_token)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
     if arm == "project":  # images decoded and processed in worker processes, ahead of the GPU
-        loader = train_llava.make_loader(samples, processor, prompt, cfg, batch_size, shuffle=True)
+        loader = train_llava.make_loader(samples, processor, prompt, cfg.resize, batch_size, num_workers, seed=cfg.seed)
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     else:  # the baseline opens and processes each batch's images in the training loop
         model, optimizer = accelerator.prepare(model, optimizer)
-        loader = [list(enumerate(samples))[i:i + batch_size] for i in range(0, len(samples) - batch_size + 1, batch_size)]
+        loader = [list(enumerate(samples))[i:i + batch_size]
+                  for i in range(0, len(samples) - batch_size + 1, batch_size)]
 
     def batches(loader):
         while True:
@@ -408,7 +413,8 @@ def throughput_arm(arm: str, accelerator, config, processor, samples, batch_size
         optimizer.zero_grad(set_to_none=True)
         sequence_length = batch["inputs"]["input_ids"].shape[1]
         if step >= warmup:  # counted after the clock stops: reading them now would sync with the GPU every step
-            measured.append({k: v for k, v in batch["inputs"].items() if k in ("input_ids", "attention_mask", "image_sizes")})
+            measured.append({k: v for k, v in batch["inputs"].items()
+                             if k in ("input_ids", "attention_mask", "image_sizes")})
     torch.cuda.synchronize() if torch.cuda.is_available() else None
     seconds = time.perf_counter() - start
     if not torch.isfinite(loss):
@@ -482,8 +488,10 @@ def main() -> int:
     parser.add_argument("--families", nargs="+", default=list(FAMILY_NAMES), choices=list(FAMILY_NAMES),
                         help="throughput: the architectures to measure (default: both)")
     parser.add_argument("--batch_size", type=int, default=8, help="throughput: screenshots per step")
-    parser.add_argument("--steps", type=int, default=None, help="throughput: measured steps per arm (default 10; tiny 2)")
-    parser.add_argument("--warmup", type=int, default=None, help="throughput: steps before the clock starts (default 2; tiny 1)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="throughput: measured steps per arm (default 10; tiny 2)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="throughput: steps before the clock starts (default 2; tiny 1)")
     parser.add_argument("--num_workers", type=int, default=4, help="throughput: DataLoader workers of the project arm")
     parser.add_argument("--peak_tflops", type=float, default=None, help="the GPU's peak dense bf16 TFLOP/s, if its "
                         "name is not in the built-in table")

@@ -28,6 +28,7 @@ from accelerate import Accelerator, DataLoaderConfiguration  # noqa: E402
 import train_dual_task as tdt  # noqa: E402
 from common.ema import EMA  # noqa: E402
 from common.guard import NonFiniteGuard  # noqa: E402
+from common.launch import Run  # noqa: E402
 from common.preemption import Preemption  # noqa: E402
 from common.run_log import MetricsLog  # noqa: E402
 
@@ -53,19 +54,17 @@ def full_loop(cfg, accelerator, initial_state, splits, workdir: Path) -> float:
     model = tdt.DualTaskNet(splits["train"].x.shape[-1], cfg)
     model.load_state_dict(initial_state)
     optimizer = torch.optim.AdamW(tdt.param_groups(model, cfg.weight_decay), lr=cfg.lr, fused=True)
-    train_loader = tdt.make_loader(splits["train"], cfg.batch_size, shuffle=True, seed=cfg.seed)
-    val_loaders = {metric: tdt.make_loader(splits[name], 4 * cfg.batch_size, shuffle=False, seed=cfg.seed)
-                   for metric, name in (("windows", "val"), ("cut", "val_cut"))}
-    model, optimizer, train_loader, *prepared = accelerator.prepare(model, optimizer, train_loader, *val_loaders.values())
-    val_loaders = dict(zip(val_loaders, prepared))
+    loaders = {name: tdt.make_loader(splits[name], cfg.batch_size * (1 if name == "train" else 4), name == "train",
+                                     cfg.seed) for name in ("train", "val", "val_cut")}
+    model, optimizer, *prepared = accelerator.prepare(model, optimizer, *loaders.values())
+    loaders = dict(zip(loaders, prepared))
     loss_fn = tdt.AMNLLoss(cfg, accelerator.device, reduce=lambda losses: accelerator.reduce(losses, "mean"))
     ema = EMA(model.parameters(), decay=cfg.ema_decay)
     guard = NonFiniteGuard(accelerator, model, optimizer, cfg.nan_lr_backoff, cfg.max_nonfinite_in_a_row)
     workdir.mkdir(parents=True)
-    log = MetricsLog(accelerator, workdir)
+    run = Run(workdir, MetricsLog(accelerator, workdir), Preemption())
     start = time.perf_counter()
-    tdt.train(cfg, accelerator, model, optimizer, train_loader, val_loaders, loss_fn, ema, guard, tdt.TrainState(),
-              log, workdir, Preemption())
+    tdt.train(cfg, accelerator, model, optimizer, loaders, loss_fn, ema, guard, tdt.TrainState(), run)
     return (time.perf_counter() - start) / cfg.max_steps
 
 
@@ -95,8 +94,9 @@ def main():
             print(f"round {r + 1}: bare {bare_times[-1] * 1e3:.1f} ms/step, full {full_times[-1] * 1e3:.1f} ms/step",
                   flush=True)
     bare, full = statistics.median(bare_times), statistics.median(full_times)
-    print(f"\n| arm | median ms/step | steps x rounds |\n|---|---|---|\n| bare PyTorch loop | {bare * 1e3:.1f} | "
-          f"{args.steps} x {args.rounds} |\n| train_dual_task.train() | {full * 1e3:.1f} | {args.steps} x {args.rounds} |")
+    print(f"\n| arm | median ms/step | steps x rounds |\n|---|---|---|\n"
+          f"| bare PyTorch loop | {bare * 1e3:.1f} | {args.steps} x {args.rounds} |\n"
+          f"| train_dual_task.train() | {full * 1e3:.1f} | {args.steps} x {args.rounds} |")
     print(f"\noverhead ratio (full / bare): {full / bare:.3f}  on {accelerator.device}, "
           f"{torch.get_num_threads()} threads, batch {cfg.batch_size}")
 

@@ -29,6 +29,7 @@ import train_dual_task as tdt  # noqa: E402
 from common.config import parse_config  # noqa: E402
 from common.ema import EMA  # noqa: E402
 from common.guard import NonFiniteGuard  # noqa: E402
+from common.launch import Run  # noqa: E402
 from common.preemption import Preemption  # noqa: E402
 from common.run_log import MetricsLog  # noqa: E402
 
@@ -53,7 +54,8 @@ def one_run(argv: list[str], workdir: Path) -> list[dict]:
     model = tdt.DualTaskNet(splits["train"].x.shape[-1], cfg)
     optimizer = torch.optim.AdamW(tdt.param_groups(model, cfg.weight_decay), lr=cfg.lr, fused=True)
     loaders = {name: tdt.make_loader(splits[name], cfg.batch_size if name == "train" else 4 * cfg.batch_size,
-                                     shuffle=name == "train", seed=cfg.seed) for name in ("train", "val", "val_cut", "test")}
+                                     shuffle=name == "train", seed=cfg.seed)
+               for name in ("train", "val", "val_cut", "test")}
     model, optimizer, *prepared = accelerator.prepare(model, optimizer, *loaders.values())
     loaders = dict(zip(loaders, prepared))
     loss_fn = tdt.AMNLLoss(cfg, accelerator.device, reduce=lambda losses: accelerator.reduce(losses, "mean"))
@@ -72,8 +74,8 @@ def one_run(argv: list[str], workdir: Path) -> list[dict]:
 
     tdt.evaluate = evaluate_with_test
     try:
-        tdt.train(cfg, accelerator, model, optimizer, loaders["train"], {"windows": loaders["val"], "cut": loaders["val_cut"]},
-                  loss_fn, ema, guard, tdt.TrainState(), MetricsLog(accelerator, workdir), workdir, Preemption())
+        run = Run(workdir, MetricsLog(accelerator, workdir), Preemption())
+        tdt.train(cfg, accelerator, model, optimizer, loaders, loss_fn, ema, guard, tdt.TrainState(), run)
     finally:
         tdt.evaluate = real_evaluate
     return epochs
@@ -101,10 +103,12 @@ def main():
                 for metric in pairs:
                     best = min(epochs, key=lambda e, m=metric: e[m])
                     pairs[metric].append((subset, setting, seed, best[metric], best["test"]))
-                    line += f" {metric}: val {best[metric]:.2f} -> test {best['test']:.2f} (epoch {epochs.index(best) + 1});"
+                    line += (f" {metric}: val {best[metric]:.2f} -> test {best['test']:.2f} "
+                             f"(epoch {epochs.index(best) + 1});")
                 print(line, flush=True)
 
-    print("\n| subset | validation score | runs | rank correlation, val vs test RMSE | test RMSE of the selected epochs |")
+    print("\n| subset | validation score | runs | rank correlation, val vs test RMSE "
+          "| test RMSE of the selected epochs |")
     print("|---|---|---|---|---|")
     for subset in args.subsets:  # per subset: their RMSEs live on different scales
         for metric, rows in pairs.items():

@@ -1,4 +1,4 @@
-"""Atomic, verified checkpoints and resume.
+"""Atomic, verified checkpoints and resume (both training scripts; predict_dual_task.py's model file).
 
 Layout under `output_dir/checkpoints/`:
 
@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from common.errors import UserError, first_line, warn
-from common.run_log import replace_folder
+from common.run_log import follow_umask, replace_folder
 
 LATEST = "LATEST"
 BEST = "BEST"
@@ -80,9 +80,21 @@ def _file_records(folder: Path) -> dict:
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != META}
 
 
+def _state_of(obj) -> dict:
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj.state_dict()
+
+
+def _load_state_into(obj, state: dict) -> None:
+    if dataclasses.is_dataclass(obj):
+        for key, value in state.items():
+            setattr(obj, key, value)
+    else:
+        obj.load_state_dict(state)
+
+
 def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict, keep_last: int = 2,
                     best: bool = False, config=None) -> Path:
-    """Save model, optimizer, RNG (via save_state) and `state` ({name: object with state_dict()}).
+    """Save model, optimizer, RNG (via save_state) and `state` ({name: a dataclass, or an object with state_dict()}).
 
     Keeps the newest `keep_last` checkpoints plus the one marked `best` (by the loop's own
     validation metric), so that a run can always be restarted from its best point. `config` (the
@@ -96,7 +108,7 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict,
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
-    torch.save({name: obj.state_dict() for name, obj in state.items()},
+    torch.save({name: _state_of(obj) for name, obj in state.items()},
                tmp / f"train_state_rank{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -184,7 +196,8 @@ def check_checkpoint_fits(accelerator, path: Path, config=None) -> dict:
     `config`'s `same_on_resume` settings; returns meta.json."""
     meta = _read_meta(path)
     if meta is None:
-        raise UserError(f"checkpoint {path} is damaged: its {META} is missing or garbled; resume from another checkpoint")
+        raise UserError(f"checkpoint {path} is damaged: its {META} is missing or garbled; resume from another "
+                        f"checkpoint")
     own = path / f"train_state_rank{accelerator.process_index}.pt"
     if meta["num_processes"] != accelerator.num_processes or not own.is_file():
         raise UserError(f"checkpoint {path} was written by {meta['num_processes']} processes; "
@@ -194,12 +207,13 @@ def check_checkpoint_fits(accelerator, path: Path, config=None) -> dict:
             saved, asked = meta["config"].get(f.name), getattr(config, f.name)
             if f.metadata.get("same_on_resume") and f.name in meta["config"] and saved != asked:
                 raise UserError(f"checkpoint {path} was trained with --{f.name} {saved!r}, this run asks for "
-                                f"{asked!r}; resume with --{f.name} {saved!r}, or start a new run in another --output_dir")
+                                f"{asked!r}; resume with --{f.name} {saved!r}, or start a new run in another "
+                                f"--output_dir")
     return meta
 
 
 def load_checkpoint(accelerator, path: Path, state: dict, config=None) -> dict:
-    """Restore what save_checkpoint wrote into the prepared objects and `state`; returns meta.json.
+    """Restore what save_checkpoint wrote into the prepared objects and `state`, and say so; returns meta.json.
 
     Refuses, before loading anything, a checkpoint written by another number of processes or with
     other values of `config`'s `same_on_resume` settings (`resolve_resume` has checked its files).
@@ -210,47 +224,23 @@ def load_checkpoint(accelerator, path: Path, state: dict, config=None) -> dict:
         accelerator.load_state(str(path))
         saved = torch.load(own, map_location="cpu", weights_only=True)
         for name, obj in state.items():
-            obj.load_state_dict(saved[name])
+            _load_state_into(obj, saved[name])
     except UserError:
         raise
     except (OSError, RuntimeError, ValueError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as err:
         raise UserError(f"checkpoint {path} does not fit this run ({type(err).__name__}: {first_line(err)}); resume "
                         f"with the settings it was written with, or start a new run in another --output_dir") from None
+    accelerator.print(f"resumed from {path} at step {meta['step']}")
     return meta
 
 
-# Models with frozen parts (LoRA on a 7B base): checkpoint and save the trainable weights only.
-
-
-def gathered_trainable_state(accelerator, model) -> dict:
-    """The trainable (e.g. LoRA) weights as full CPU tensors, for saving. Under FSDP2 each is a DTensor shard and
-    `full_tensor()` is a collective: every process must call this; only the main process writes. Gathering
-    just the adapters (not `accelerator.get_state_dict`, which would gather the frozen base too) keeps a
-    7B model's gather to a few MB."""
-    return {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
-            for name, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
-
-
-def checkpoint_trainable_only(model) -> None:
-    """Checkpoints of `model` hold its trainable weights only (LoRA: megabytes, not the frozen 7B base).
-
-    Done with the model's own state-dict hooks (public torch API), so that every way Accelerate saves
-    and loads it sees the same trainable-only state dict: DDP's or one process's model.safetensors,
-    and FSDP2's sharded torch.distributed.checkpoint folder. On loading, the frozen weights (already
-    in the model, from the base checkpoint) do not count as missing; a missing trainable one still
-    fails. Call before `accelerator.prepare`.
-    """
-    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
-
-    def drop_frozen(module, state_dict, prefix, local_metadata):
-        for name in frozen:
-            state_dict.pop(prefix + name, None)
-
-    def is_frozen(key: str) -> bool:  # the key may carry a wrapper's prefix ("module." under DDP)
-        return key in frozen or any(key[i + 1:] in frozen for i, char in enumerate(key) if char == ".")
-
-    def frozen_weights_are_not_missing(module, incompatible_keys):
-        incompatible_keys.missing_keys[:] = [key for key in incompatible_keys.missing_keys if not is_frozen(key)]
-
-    model.register_state_dict_post_hook(drop_frozen)
-    model.register_load_state_dict_post_hook(frozen_weights_are_not_missing)
+def save_model_atomically(accelerator, model, output_dir: Path) -> None:
+    """model.safetensors via a temporary folder and a rename: a kill while saving leaves no half-written file."""
+    tmp = output_dir / ".model.tmp"
+    accelerator.save_model(model, tmp)  # gathers the weights on every process (FSDP); the main process writes
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        follow_umask(tmp / "model.safetensors")  # safetensors writes 0600: readable by its owner only
+        os.replace(tmp / "model.safetensors", output_dir / "model.safetensors")
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()

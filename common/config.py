@@ -1,8 +1,8 @@
-"""Turn a Config dataclass into a command line, with an optional YAML file underneath.
+"""Turn a Config dataclass into a command line, with an optional YAML file underneath (every script's Config).
 
 Precedence: dataclass defaults < `--config file.yaml` < `--name value` on the command line.
 Fields are declared with `setting(default, help, domain)`: every field becomes `--name`, and its
-values are limited by `choices=[...]` or a `Domain` (`at_least(1)`, `between(0, 1)`, `NON_EMPTY`, ...:
+values are limited by `choices=[...]` or a `Domain` (common/domains.py: `at_least(1)`, `between(0, 1)`, ...:
 for a list, each item), declared beside the field and checked here by `check_domains`, which a
 Config calls in its `__post_init__` (beside the rules that tie fields together): so a value outside
 its domain is refused when the config is built, before a run writes anything. Unknown keys and values of the wrong
@@ -13,75 +13,14 @@ import argparse
 import dataclasses
 import difflib
 import math
-import re
 import types
 import typing
-from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 
+from common.domains import Domain
 from common.errors import UserError
-
-
-@dataclasses.dataclass(frozen=True)
-class Domain:
-    """The values a setting may take: `describe` reads "must be <describe>" in errors and --help.
-
-    Numeric domains also keep their bounds (`low`, `high`; an open end excluded), so that tests can
-    draw values inside and outside them.
-    """
-
-    describe: str
-    accepts: Callable[[object], bool]
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _show(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else f"{x:g}"
-
-
-def between(low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = False) -> Domain:
-    """Finite numbers from `low` to `high`, both included unless `low_open`/`high_open`."""
-
-    def accepts(v):
-        return _number(v) and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
-
-    if high == math.inf:
-        describe = f"{'>' if low_open else '>='} {_show(low)}"
-    else:
-        describe = f"in {'(' if low_open else '['}{_show(low)}, {_show(high)}{')' if high_open else ']'}"
-    return Domain(describe, accepts, low, high, low_open, high_open)
-
-
-def at_least(low: float) -> Domain:
-    return between(low)
-
-
-def above(low: float) -> Domain:
-    return between(low, low_open=True)
-
-
-NON_EMPTY = Domain("a non-empty string", lambda v: isinstance(v, str) and v.strip() != "")
-IDENTIFIER = Domain("a module name (letters, digits and _)",
-                    lambda v: isinstance(v, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v) is not None)
-
-
-def _tracker_names() -> list[str]:
-    from accelerate.tracking import get_available_trackers
-
-    return sorted(str(t) for t in get_available_trackers())
-
-
-TRACKER = Domain(f"none, all or an installed Accelerate tracker (here: {', '.join(_tracker_names()) or 'none installed'})",
-                 lambda v: v in ("none", "all") or v in _tracker_names())
 
 
 def setting(default, help: str, domain: Domain | None = None, choices: list | None = None,
@@ -134,7 +73,8 @@ def _convert(key: str, value, scalar: type, is_list: bool, optional: bool, choic
     if is_list:
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)):
-            raise UserError(f"config key '{key}' expects a list of {scalar.__name__}, got {value!r}; write it as a,b,c or a YAML list")
+            raise UserError(f"config key '{key}' expects a list of {scalar.__name__}, got {value!r}; write it as "
+                            f"a,b,c or a YAML list")
         return [_convert(key, item, scalar, False, False, choices) for item in items if item != ""]
     try:
         if scalar is bool:
@@ -160,7 +100,8 @@ def _convert(key: str, value, scalar: type, is_list: bool, optional: bool, choic
             converted = scalar(value)
     except (TypeError, ValueError):
         raise UserError(
-            f"config key '{key}' expects {scalar.__name__}, got {value!r}; fix the value in the YAML or on the command line"
+            f"config key '{key}' expects {scalar.__name__}, got {value!r}; fix the value in the YAML or on the "
+            f"command line"
         ) from None
     if choices and converted not in choices:
         close = difflib.get_close_matches(str(converted), [str(c) for c in choices], n=1)
@@ -169,14 +110,18 @@ def _convert(key: str, value, scalar: type, is_list: bool, optional: bool, choic
     return converted
 
 
-def _unknown_key_error(key: str, known: list[str], where: str) -> UserError:
+def _unknown_key_error(key: str, known: list[str], where: str, moved: dict[str, str]) -> UserError:
+    if key in moved:  # a setting that moved to another command
+        return UserError(f"--{key} is not a setting of this script any more; {moved[key]}")
     close = difflib.get_close_matches(key, known, n=1)
-    hint = f" (did you mean '{close[0]}'?); see --help for the keys" if close else f"; the valid keys are {', '.join(known)}"
+    hint = f" (did you mean '{close[0]}'?); see --help for the keys" if close else \
+        f"; the valid keys are {', '.join(known)}"
     return UserError(f"unknown config key '{key}' in {where}{hint}")
 
 
-def parse_config(cls, argv: list[str] | None = None, description: str | None = None):
-    """Build an instance of the dataclass `cls` from defaults, `--config` YAML and the command line."""
+def parse_config(cls, argv: list[str] | None = None, description: str | None = None, moved: dict | None = None):
+    """Build an instance of the dataclass `cls` from defaults, `--config` YAML and the command line. `moved`: keys
+    that were settings once, each with the line that says where its job went (refused with that line)."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     parser = argparse.ArgumentParser(
         description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,
@@ -188,21 +133,23 @@ def parse_config(cls, argv: list[str] | None = None, description: str | None = N
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kind = f"list of {scalar.__name__}, comma separated" if is_list else scalar.__name__
         domain = f"; {'each ' if is_list else ''}{f.metadata['domain'].describe}" if "domain" in f.metadata else ""
+        choices = f.metadata.get("choices")
         parser.add_argument(
             f"--{name}",
             default=argparse.SUPPRESS,
-            metavar=kind.upper() if not f.metadata.get("choices") else "{" + ",".join(map(str, f.metadata["choices"])) + "}",
+            metavar="{" + ",".join(map(str, choices)) + "}" if choices else kind.upper(),
             help=f"{f.metadata.get('help', '')} (default: {default!r}{domain})".replace("%", "%%"),
         )
     try:
         args, unknown = parser.parse_known_args(argv)
     except argparse.ArgumentError as err:
-        raise UserError(f"{err}; give each option a value (one that starts with '-' as --name=-value), see --help") from None
+        raise UserError(f"{err}; give each option a value (one that starts with '-' as --name=-value), see "
+                        f"--help") from None
     if unknown:
         flag = next((u for u in unknown if u.startswith("--")), unknown[0])
         name = flag.lstrip("-").split("=")[0]
         if flag.startswith("--"):
-            raise _unknown_key_error(name, list(fields), "the command line")
+            raise _unknown_key_error(name, list(fields), "the command line", moved or {})
         raise UserError(f"unexpected argument '{flag}'; options take the form --name value (see --help)")
 
     values = {}
@@ -222,10 +169,11 @@ def parse_config(cls, argv: list[str] | None = None, description: str | None = N
             where = f" at line {mark.line + 1}" if mark else ""
             raise UserError(f"config file {path} is not valid YAML{where}; fix its syntax") from None
         if not isinstance(loaded, dict):
-            raise UserError(f"config file {path} must be a mapping of key: value, got {type(loaded).__name__}; write one key: value per line")
+            raise UserError(f"config file {path} must be a mapping of key: value, got {type(loaded).__name__}; write "
+                            f"one key: value per line")
         for key, value in loaded.items():
             if key not in fields:
-                raise _unknown_key_error(str(key), list(fields), str(path))
+                raise _unknown_key_error(str(key), list(fields), str(path), moved or {})
             values[key] = value
     cli = {k: v for k, v in vars(args).items() if k != "config"}
     values.update(cli)

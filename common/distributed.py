@@ -1,4 +1,5 @@
-"""The distributed setup: FSDP2 on CPU processes (for smoke tests), and checks Accelerate does not make loudly."""
+"""The distributed setup of both training scripts: FSDP2 on CPU processes (for smoke tests), and the checks
+Accelerate does not make loudly."""
 
 import os
 from pathlib import Path

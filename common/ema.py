@@ -1,4 +1,4 @@
-"""Exponential moving average of model weights, safe for DDP and for FSDP2's sharded parameters.
+"""Exponential moving average of model weights, safe for DDP and FSDP2's sharded parameters (both training scripts).
 
 The average is kept for trainable parameters only (for LoRA: just the adapters) and updated in place
 on each process's local data with one fused `torch._foreach_lerp_`: with FSDP2 each rank averages

@@ -1,4 +1,4 @@
-"""User-facing errors: bad input gets one clear line and a non-zero exit, never a traceback.
+"""User-facing errors, for every script: bad input gets one clear line and a non-zero exit, never a traceback.
 
 Exit codes: 0 done; 2 bad input (UserError); 3 training diverged (NonFiniteTrainingError: the
 checkpoints written before stay as they were); 75 stopped by SIGTERM/SIGINT after saving a

@@ -1,4 +1,5 @@
-"""The non-finite guard: skip NaN/Inf updates, fall back to fp32 with an LR backoff, stop if it persists.
+"""The non-finite guard of both training loops: skip NaN/Inf updates, fall back to fp32 with an LR backoff, stop
+if it persists.
 
 How it works, and why this way:
 
@@ -149,7 +150,8 @@ class NonFiniteGuard:
         return finite
 
     def poll(self, step: int) -> bool:
-        """Act on events since the last poll (one host sync). Returns True if it just fell back to fp32."""
+        """Act on events since the last poll (one host sync): on the first, fall back to fp32 and say so (every later
+        poll that finds events counts the fp32 streak). Returns True if it just fell back."""
         total, in_a_row = (int(v) for v in torch.stack([self.nonfinite_total, self.nonfinite_in_a_row]).tolist())
         new_events = total - self.events_handled
         self.events_handled = total
@@ -160,11 +162,14 @@ class NonFiniteGuard:
             self.lr_scale *= self.backoff
             disable_mixed_precision(self.accelerator, self.model)
             self.nonfinite_in_a_row.zero_()  # count the fp32 streak from here
+            self.accelerator.print(f"step {step}: non-finite loss/gradients; continuing in fp32 with the base LR "
+                                   f"x{self.lr_scale:g}")
             return True
         if in_a_row >= self.max_consecutive:
             raise NonFiniteTrainingError(
                 f"{in_a_row} consecutive non-finite updates in fp32 (at step {step}) after the fallback at "
-                f"step {self.fallback_step}; lower --lr or check the data for NaN/Inf, then resume from the last checkpoint"
+                f"step {self.fallback_step}; lower --lr or check the data for NaN/Inf, then resume from the last "
+                f"checkpoint"
             )
         return False
 

@@ -1,4 +1,4 @@
-"""Preemption: on SIGTERM or SIGINT, finish the current step, save a checkpoint, exit with code 75.
+"""Preemption, for both training scripts: on SIGTERM or SIGINT, finish the current step, save a checkpoint, exit 75.
 
 The handler stays installed after the training loop: a signal during the short final phase (test
 evaluation, saving the outputs) lets that phase finish, and the run exits 0 as if uninterrupted. (A

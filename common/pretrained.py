@@ -9,7 +9,9 @@ Whatever breaks while reading a user's checkpoint is reported as a problem with 
 What differs between vision-language families (LLaVA-1.5, LLaVA-NeXT, Idefics3, ...) is read from the model and
 its processor, never from a list of names: where the language model and the vision tower sit
 (`model_parts`, transformers' own `get_decoder` / `get_encoder` lookups), and how many image tokens the
-processor must write for a picture (`match_processor_to_model`).
+processor must write for a picture (`match_processor_to_model`), which picture size it works at
+(`fixed_input_size`), which vision layers feed the language model (`used_vision_layers`). Used by train_llava.py
+and predict_llava.py.
 """
 
 import weakref
@@ -17,11 +19,12 @@ from pathlib import Path
 
 import torch
 
-from common.errors import UserError, first_line
+from common.errors import UserError, first_line, warn
 
 
-def check_pretrained(model_id: str):
-    """The checkpoint's config, once its folder, model type and weight files have passed. Reads no weights."""
+def check_pretrained(model_id: str, tested: tuple[str, ...] = ()):
+    """The checkpoint's config, once its folder, model type and weight files have passed. Reads no weights. A model
+    type outside `tested` (the families a script's tests cover) gets a warning line."""
     from safetensors import safe_open
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
@@ -52,6 +55,9 @@ def check_pretrained(model_id: str):
     if config.is_encoder_decoder:  # the answer is read at the prompt's last token: a decoder-only model's next token
         raise UserError(f"--model {model_id} is an encoder-decoder {config.model_type!r} model; the Yes/No answer is "
                         f"read where a decoder-only model would write its next token: pass a decoder-only checkpoint")
+    if tested and config.model_type not in tested:
+        warn(f"{model_id} is a {config.model_type!r} model, a family not tested with this script ({', '.join(tested)})"
+             f"; see docs/llava.md")
     return config
 
 
@@ -90,8 +96,8 @@ def model_parts(model) -> dict[str, str]:
     # The tower's blocks: its ModuleList as long as the vision config's layer count (CLIP's encoder.layers,
     # Qwen2-VL's blocks); the whole tower if it has none.
     depth = getattr(model.config.vision_config, "num_hidden_layers", None)
-    blocks = next((module for module in tower.modules() if isinstance(module, torch.nn.ModuleList) and len(module) == depth),
-                  tower)
+    blocks = next((module for module in tower.modules()
+                   if isinstance(module, torch.nn.ModuleList) and len(module) == depth), tower)
     return {"language model": names[id(model.get_decoder())], "vision tower": names[id(tower)],
             "vision layers": names[id(blocks)]}
 
@@ -151,3 +157,67 @@ def load_pretrained(model_class, model_id: str, **kwargs):
     except Exception as err:
         raise UserError(f"cannot load the weights of {model_id!r} ({type(err).__name__}: {first_line(err)}); "
                         f"copy or download the checkpoint again") from None
+
+
+def fixed_input_size(image_processor) -> tuple[int, int] | None:
+    """(width, height) the processor brings every picture to (LLaVA-1.5: the crop size, else the resize target), or
+    None for a processor that keeps the aspect ratio itself: a grid of tiles chosen to fit it (LLaVA-NeXT's
+    image_grid_pinpoints) or a bound on the longest edge (Idefics3; Qwen2-VL's pixel budget)."""
+    size = dict(image_processor.size)
+    if getattr(image_processor, "image_grid_pinpoints", None) or "longest_edge" in size:
+        return None
+    size = dict(getattr(image_processor, "crop_size", None) or size)
+    return size.get("width", size.get("shortest_edge")), size.get("height", size.get("shortest_edge"))
+
+
+def used_vision_layers(model_config) -> range:
+    """The vision layers whose output the language model sees. LLaVA takes its image features from the hidden
+    state `vision_feature_layer` (-2: the second-to-last layer's output); the layers after it run, but a LoRA
+    weight there would never get a gradient: dead weight that DDP must be told about and that FSDP2 cannot
+    checkpoint (no optimizer state ever exists for it). Families without the setting (Idefics3) use them all."""
+    num_layers = model_config.vision_config.num_hidden_layers
+    feature = getattr(model_config, "vision_feature_layer", -1)
+    hidden_states = [f if f >= 0 else num_layers + 1 + f for f in (feature if isinstance(feature, list) else [feature])]
+    return range(max(hidden_states))  # hidden state k is the output of layer k - 1
+
+
+BASE_SIZES = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads", "max_position_embeddings", "image_size", "patch_size")
+
+
+def base_identity(model_config) -> dict:
+    """What identifies a base model wherever its files lie: the model type and sizes of it and of its text and vision
+    parts (config.json). A moved or re-downloaded copy has the same; a checkpoint of another family or size does not."""
+    parts = {"": model_config, **{f"{name}.": getattr(model_config, name, None)
+                                  for name in ("text_config", "vision_config")}}
+    return {prefix + key: getattr(part, key) for prefix, part in parts.items() for key in BASE_SIZES
+            if getattr(part, key, None) is not None}
+
+
+def weight_dtypes(model) -> dict:
+    """The dtypes the trainable (LoRA) weights and the frozen base are held in (e.g. float32 over bfloat16)."""
+    def names(trainable):
+        return ",".join(sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()
+                                if p.requires_grad == trainable}))
+
+    return {"lora_dtype": names(True), "base_dtype": names(False)}
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def base_dtype(model_dtype: str | None) -> torch.dtype:
+    """The dtype to hold a frozen base in: --model_dtype, else bf16 on a GPU that has it and fp32 elsewhere."""
+    if model_dtype is not None:
+        return DTYPES[model_dtype]
+    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def quiet_progress_bars() -> None:
+    """transformers' progress bars (loading and writing weights), like the scripts' own: on a terminal, not in logs."""
+    import sys
+
+    if not sys.stderr.isatty():
+        from transformers.utils.logging import disable_progress_bar
+
+        disable_progress_bar()

@@ -1,4 +1,5 @@
-"""Run logging: the output folder (checked, then started), metrics.jsonl, Accelerate trackers, JSON results, memory readings."""
+"""Run logging, for both training scripts: metrics.jsonl and the trackers, the running loss between log lines,
+atomic JSON files and folders, memory readings."""
 
 import json
 import os
@@ -9,68 +10,27 @@ from pathlib import Path
 
 import torch
 
-from common.config import save_config
-from common.distributed import confirm_output_dir_is_shared
-from common.errors import UserError
 
-RUN_MARKER = "config.yaml"  # a folder holding this file holds a run
-
-
-def check_output_dir(output_dir: str | Path, resuming: bool, overwrite: bool) -> Path:
-    """May a run write into this folder? Only reads: refuses with a UserError, creates nothing."""
-    path = Path(output_dir)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"--output_dir {path} is a file, not a folder; pick another --output_dir")
-    if (path / RUN_MARKER).exists() and not (resuming or overwrite):
-        raise UserError(
-            f"{path} already holds a run; pass --resume_from latest to continue it, --overwrite true to "
-            f"replace it, or a new --output_dir"
-        )
-    existing = next(p for p in [path, *path.absolute().parents] if p.exists())
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write into {existing} (permission denied); pick another --output_dir")
-    return path
+def umask_mode() -> int:
+    """The permissions this process's umask gives a new file (0644 under the usual 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
-def check_output_file(path: str | Path, overwrite: bool, inputs: list, flag: str) -> Path:
-    """May this file be written? Only reads: never a folder, never an input, an existing file only if asked."""
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{flag} {path} is a folder; name the file to write")
-    if path.exists() and any(Path(i).exists() and path.resolve() == Path(i).resolve() for i in inputs if i):
-        raise UserError(f"{flag} {path} is one of this run's inputs; name another file")
-    if path.exists() and not overwrite:
-        raise UserError(f"{path} exists; pass --overwrite true to replace it, or another {flag}")
-    existing = next(p for p in [path.parent, *path.absolute().parent.parents] if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write {path} ({existing} is not a writable folder); pick another {flag}")
-    return path
-
-
-def start_run(accelerator, output_dir: Path, config, run_outputs: list[str], fresh: bool) -> None:
-    """The first write of a run, made once every check has passed, so that bad input changes nothing.
-
-    A fresh start in a folder that holds an earlier run (`--overwrite`) removes that run's outputs
-    (`run_outputs`, names inside the folder; nothing else in it is touched) so that no stale results
-    or checkpoints are mixed with the new ones. Then the resolved config is written.
-    """
-    created = not output_dir.exists()
-    if accelerator.is_main_process:
-        if fresh and (output_dir / RUN_MARKER).exists():
-            for name in run_outputs:
-                old = output_dir / name
-                if old.is_dir() and not old.is_symlink():
-                    shutil.rmtree(old)
-                elif old.exists() or old.is_symlink():
-                    old.unlink()
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, output_dir / RUN_MARKER)
-    accelerator.wait_for_everyone()
-    confirm_output_dir_is_shared(accelerator, output_dir / RUN_MARKER, created)  # several machines: one filesystem
+def follow_umask(path: Path) -> None:
+    """Give `path` (a file, or every file below a folder) the umask's permissions, as every other output has: some
+    writers (safetensors among them) create their files 0600, which a teammate on a shared cluster cannot read."""
+    mode = umask_mode()
+    for file in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and not p.is_symlink()]:
+        if file.stat().st_mode & 0o777 != mode:
+            file.chmod(mode)
 
 
 def replace_folder(tmp: Path, final: Path) -> None:
-    """Put a fully written folder in place of `final`; the old one stays whole until the new one is complete."""
+    """Put a fully written folder in place of `final`; the old one stays whole until the new one is complete. Its
+    files get the umask's permissions first (`follow_umask`)."""
+    follow_umask(tmp)
     old = final.with_name(f".{final.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
@@ -100,6 +60,8 @@ class MetricsLog:
     def __init__(self, accelerator, output_dir: Path, step_offset: int | None = None):
         self.accelerator = accelerator
         self.path = output_dir / "metrics.jsonl"
+        if accelerator.is_main_process:
+            output_dir.mkdir(exist_ok=True)  # a fold's folder, inside the run's
         if accelerator.is_main_process and step_offset is not None and self.path.exists():
             # Resuming: drop records the interrupted run wrote after its last checkpoint.
             kept = [line for line in self.path.read_text(errors="replace").splitlines()
@@ -121,3 +83,21 @@ def peak_memory_mb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kib / 2**20 if sys.platform == "darwin" else kib / 2**10  # macOS reports bytes
+
+
+class RunningMean:
+    """Sums of some per-batch values since the last log line, kept on the device: no host sync per step."""
+
+    def __init__(self, size: int, device):
+        self.sums, self.batches = torch.zeros(size, device=device), 0
+
+    def add(self, *values: torch.Tensor) -> None:
+        self.sums += torch.stack([v.detach().reshape(()) for v in values])
+        self.batches += 1
+
+    def pop_mean(self, accelerator) -> list[float]:
+        """The means over every process since the last call (a host sync: call it only where the loop logs)."""
+        mean = (accelerator.reduce(self.sums, "mean") / max(1, self.batches)).tolist()
+        self.sums.zero_()
+        self.batches = 0
+        return mean

@@ -1,4 +1,4 @@
-"""Learning-rate schedules as stateless functions of the optimizer step.
+"""Learning-rate (and weight-decay) schedules as stateless functions of the step, for both training scripts.
 
 The loop writes `base_lr * factor(step)` into the optimizer's param groups itself (as nanoGPT's
 `get_lr` does), so a resumed run only needs the step to be back on the same curve, and an LR
@@ -33,3 +33,18 @@ def set_lr(optimizer, lr: float) -> None:
     """Write one learning rate into every param group (groups scale it by an optional `lr_scale`)."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def set_weight_decay(optimizer, factor: float) -> None:
+    """Write `factor` x each param group's `base_weight_decay` into its weight decay."""
+    for group in optimizer.param_groups:
+        group["weight_decay"] = group["base_weight_decay"] * factor
+
+
+def milestone_factor(epoch: int, milestones: list[int], factors: list[float]) -> float:
+    """A step schedule: 1.0, then factors[i] from epoch milestones[i] on (e.g. weight decay x0.5 after 100 epochs)."""
+    factor = 1.0
+    for after, f in zip(milestones, factors):
+        if epoch >= after:
+            factor = f
+    return factor

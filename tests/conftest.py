@@ -7,7 +7,8 @@ worker holds. The multi-process tests stay in one file (test_distributed.py), so
 other; only test_docs.py's quickstart commands (two of them `accelerate launch`) may run beside one of them.
 
 The default profile ("ci") is derandomized: the same examples on every run, so CI cannot go red by
-luck; it does not shrink a failing example (each one is a run), it reports it as drawn. `HYPOTHESIS_PROFILE=explore python -m pytest tests/test_bad_input.py` draws new random examples,
+luck; it does not shrink a failing example (each one is a run), it reports it as drawn.
+`HYPOTHESIS_PROFILE=explore python -m pytest tests/test_bad_input.py` draws new random examples,
 many more of them, to hunt for inputs that break the bad-input contract.
 """
 

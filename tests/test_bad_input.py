@@ -32,9 +32,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+import predict_dual_task
+import predict_llava
 import train_dual_task
 import train_llava
-from common.config import IDENTIFIER, NON_EMPTY, TRACKER, _field_type
+from common.config import _field_type
+from common.domains import IDENTIFIER, NON_EMPTY, TRACKER
 from common.errors import exit_on_user_error
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,12 +182,29 @@ def fields_of(cls, skip=()) -> list[str]:
     return [f.name for f in dataclasses.fields(cls) if f.name not in skip]
 
 
-@pytest.mark.parametrize("cls", [train_dual_task.Config, train_llava.Config], ids=["dual_task", "llava"])
-def test_every_setting_has_a_domain_and_its_default_is_inside(cls):
+SCRIPTS = [train_dual_task, train_llava, predict_dual_task, predict_llava]
+REQUIRED = {predict_dual_task: {"run_dir": "run", "data": "x.txt"}, predict_llava: {"run_dir": "run", "data": "x"}}
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda m: m.__name__)
+def test_every_setting_has_a_domain_and_its_default_is_inside(script):
+    cls = script.Config
     for f in dataclasses.fields(cls):
         scalar, _, _ = _field_type(cls, f)
         assert scalar is bool or f.metadata.get("domain") or f.metadata.get("choices"), f"--{f.name} has no domain"
-    cls()  # the defaults pass their own checks
+    cls(**REQUIRED.get(script, {}))  # the defaults pass their own checks (a predict script needs its run and data)
+
+
+@settings(max_examples=40 * SCALE)
+@given(data=st.data())
+def test_the_predict_scripts_refuse_every_out_of_domain_setting_with_one_line(tmp_path, data):
+    script = data.draw(st.sampled_from([predict_dual_task, predict_llava]), label="script")
+    name = data.draw(st.sampled_from(fields_of(script.Config)), label="setting")
+    value = data.draw(outside(script.Config, name), label="value")
+    required = [arg for key, default in REQUIRED[script].items() if key != name for arg in (f"--{key}", default)]
+    outcome = run(script, *required, f"--{name}", value, "--output", tmp_path / "p" if name != "output" else value)
+    assert_refused(outcome, match=re.escape(name))
+    assert not (tmp_path / "p").exists()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,8 +297,8 @@ def test_dual_task_refuses_corrupt_data_files_before_writing_anything(small_cmap
 
 
 @pytest.mark.parametrize("setting, value", [
-    ("hidden_size", 16), ("gru_layers", 2), ("window", 20), ("sensors", "2,3,4"), ("seed", 1), ("cycle_feature", "false"),
-    ("data", "FD002"), ("health_thresholds", "60,20"),
+    ("hidden_size", 16), ("gru_layers", 2), ("window", 20), ("sensors", "2,3,4"), ("seed", 1),
+    ("cycle_feature", "false"), ("data", "FD002"), ("health_thresholds", "60,20"),
 ])
 def test_dual_task_resume_with_settings_that_do_not_fit_is_refused(finished_dual_run, small_cmapss, setting, value):
     before = snapshot(finished_dual_run)
@@ -323,7 +343,8 @@ def test_a_damaged_checkpoint_named_by_path_is_refused_with_the_intact_one_named
     before = snapshot(out)
     outcome = run(train_dual_task, *dual_args(small_cmapss, out, "--resume_from", newest))
     assert_refused(outcome, untouched=out, before=before,
-                   match=rf"optimizer.bin has 100 bytes, .* were written; pass --resume_from {re.escape(str(older[0]))}")
+                   match=r"optimizer.bin has 100 bytes, .* were written; "
+                         rf"pass --resume_from {re.escape(str(older[0]))}")
 
 
 @pytest.mark.parametrize("bad", ["binary", "latin-1", "folder", "not a mapping"])
@@ -498,10 +519,10 @@ LLAVA_CAPS = {"lora_r": 16, "lora_alpha": 64, "num_workers": 1, "num_threads": 2
 @settings(max_examples=12 * SCALE)
 @given(data=st.data())
 def test_llava_runs_or_refuses_every_in_domain_setting(llava_inputs, tmp_path, data):
-    skip = ("output_dir", "resume_from", "model", "build_tiny_model", "merge", "predict_output", "mode")
+    skip = ("output_dir", "resume_from", "model", "build_tiny_model", "merge")
     name = data.draw(st.sampled_from(fields_of(train_llava.Config, skip=skip)), label="setting")
     value = data.draw(inside(train_llava.Config, name, LLAVA_CAPS), label="value")
-    if name in ("train_data", "val_data", "test_data", "predict_data"):
+    if name in ("train_data", "val_data", "test_data"):
         value = str(tmp_path / value.replace("/", "_"))  # a new path, not one under the repo
     out = tmp_path / f"run{next(UNIQUE)}"
     outcome = run(train_llava, *llava_args(llava_inputs, out, "--max_steps", 1), f"--{name}", value)
@@ -592,7 +613,8 @@ def test_llava_names_a_corrupt_image_in_one_line_or_skips_it(llava_inputs, tmp_p
         pytest.fail("warnings belong on stderr")
 
 
-def test_llava_resume_with_another_lora_rank_or_a_damaged_adapter_checkpoint(finished_llava_run, llava_inputs, tmp_path):
+def test_llava_resume_with_another_lora_rank_or_a_damaged_adapter_checkpoint(finished_llava_run, llava_inputs,
+                                                                             tmp_path):
     out = tmp_path / "run"
     shutil.copytree(finished_llava_run, out)
     before = snapshot(out)
@@ -675,7 +697,8 @@ def test_a_one_class_validation_set_is_refused_up_front_or_scored_without_a_cras
     outcome = run(train_llava, *llava_args(llava_inputs, tmp_path / "skipped", "--val_data", cut / "val.jsonl",
                                            "--skip_bad_images", "true"))
     assert outcome.code == 0, outcome.stderr[-3000:]
-    assert "auroc is undefined on the 0 readable images" in outcome.stderr and "warning: skipping unreadable" in outcome.stderr
+    assert ("auroc is undefined on the 0 readable images" in outcome.stderr
+            and "warning: skipping unreadable" in outcome.stderr)
     results = json.loads((tmp_path / "skipped" / "results.json").read_text())
     assert results["val_num_samples"] == 0 and results["val_auroc"] is None and results["skipped_bad_images"] == 8
 
@@ -691,10 +714,12 @@ def test_predict_refuses_outputs_it_must_not_write_and_adapters_it_cannot_use(fi
     if case == "no detector.json":
         (run_dir / "adapter" / "detector.json").unlink()
     before, inputs_before = snapshot(run_dir), snapshot(images)
-    message = {"output is a folder": "is a folder; name the file to write", "output exists": "exists; pass --overwrite true",
-               "output is the input": "is one of this run.s inputs", "no detector.json": "detector.json is missing"}[case]
-    assert_refused(run(train_llava, "--mode", "predict", "--model", model, "--output_dir", run_dir, "--predict_data",
-                       images / "val.jsonl", "--predict_output", output, "--num_workers", 0),
+    message = {"output is a folder": "is a folder; name the file to write",
+               "output exists": "exists; pass --overwrite true",
+               "output is the input": "is one of this run.s inputs",
+               "no detector.json": "detector.json is missing"}[case]
+    assert_refused(run(predict_llava, "--model", model, "--run_dir", run_dir, "--data",
+                       images / "val.jsonl", "--output", output, "--num_workers", 0),
                    untouched=run_dir, before=before, match=message)
     assert snapshot(images) == inputs_before
 
@@ -711,4 +736,5 @@ def test_warnings_go_to_stderr_and_the_error_line_comes_first(llava_inputs, tmp_
     # A bad answer word is found from the tokenizer alone: the error is the first line on stderr.
     proc = subprocess.run([sys.executable, "train_llava.py", *map(str, llava_args(llava_inputs, tmp_path / "x")),
                            "--yes_token", "Maybe"], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and proc.stderr.splitlines()[0].startswith("error: the answer word 'Maybe'"), proc.stderr
+    assert (proc.returncode == 2
+            and proc.stderr.splitlines()[0].startswith("error: the answer word 'Maybe'")), proc.stderr

@@ -16,8 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_accuracy_bench_prints_a_table_row_per_subset(tmp_path, small_cmapss):
     proc = subprocess.run(
         [sys.executable, "bench/accuracy.py", "--subsets", "FD001", "--seeds", "1", "2", "--output_dir", str(tmp_path),
-         "--extra", "--epochs", "1", "--batch_size", "1024", "--conv_channels", "8", "--hidden_size", "8", "--gru_layers", "1",
-         "--data", f"{small_cmapss}/FD001"],
+         "--extra", "--epochs", "1", "--batch_size", "1024", "--conv_channels", "8", "--hidden_size", "8",
+         "--gru_layers", "1", "--data", f"{small_cmapss}/FD001"],
         cwd=REPO, capture_output=True, text=True, timeout=300, check=True)
     header, rule, row = proc.stdout.strip().splitlines()[-3:]
     assert header.startswith("| subset | seeds | folds | test RMSE |") and "peak memory (MB)" in header

@@ -80,7 +80,8 @@ def test_normalisation_uses_training_engines_only(fd001, tmp_path):
 def test_fd002_pads_short_test_engines_instead_of_dropping_them():
     data = load(Config(data=f"{DATA}/FD002"))
     test = data["test"]
-    assert test.x.shape == (259, 30, 15)  # 14 sensors + the cycle number; all 259 test engines, 6 of them shorter than 30 cycles
+    # 14 sensors + the cycle number; all 259 test engines, 6 of them shorter than 30 cycles
+    assert test.x.shape == (259, 30, 15)
     raw = np.loadtxt(DATA / "test_FD002.txt.gz")
     lengths = np.bincount(raw[:, 0].astype(int))[1:]
     short = np.flatnonzero(lengths < 30)

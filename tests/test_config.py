@@ -69,7 +69,8 @@ def test_saved_config_loads_back_identically(tmp_path):
     assert parse_config(Cfg, ["--config", str(tmp_path / "config.yaml")]) == cfg
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
 def test_shipped_experiment_configs_load_and_name_their_subset(path):
     """A typo in a shipped config would only show when someone runs it; and `--config configs/fd003.yaml`
     alone must train FD003, not the default subset with FD003's settings."""

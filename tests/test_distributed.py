@@ -21,7 +21,8 @@ def free_port() -> int:
 def launch():
     # A fresh rendezvous port per launch: back-to-back runs on the default port can collide.
     return [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port())]
-SMALL = ["--conv_channels", "16", "--hidden_size", "16", "--gru_layers", "1", "--warmup_epochs", "1", "--overwrite", "true"]
+SMALL = ["--conv_channels", "16", "--hidden_size", "16", "--gru_layers", "1", "--warmup_epochs", "1",
+         "--overwrite", "true"]
 
 pytestmark = pytest.mark.multiprocess
 
@@ -46,12 +47,13 @@ def test_two_processes_train_like_one_with_the_same_global_batch_under_ddp_and_f
     for name, config in (("two", "ddp"), ("fsdp", "fsdp")):
         run([*launch(), "--config_file", f"accelerate_configs/{config}.yaml", "train_dual_task.py", *common,
              "--batch_size", "256", "--output_dir", str(tmp_path / name)])
-    one, two = json.loads((tmp_path / "one" / "results.json").read_text()), json.loads((tmp_path / "two" / "results.json").read_text())
+    one, two = (json.loads((tmp_path / "one" / "results.json").read_text()),
+                json.loads((tmp_path / "two" / "results.json").read_text()))
     assert two["num_processes"] == 2 and two["distributed_type"] == "MULTI_CPU"
     assert one["num_processes"] == 1 and one["distributed_type"] == "NO"
     assert one["optimizer_steps"] == two["optimizer_steps"] == 12
-    # Same samples per update; losses agree to 1e-3 relative (the RUL loss to 3e-3) (each rank averages its own half, and the
-    # failure-weighted MSE is a ratio of means, so the halves do not combine exactly).
+    # Same samples per update; losses agree to 1e-3 relative (the RUL loss to 3e-3) (each rank averages its own half,
+    # and the failure-weighted MSE is a ratio of means, so the halves do not combine exactly).
     for a, b in zip(steps(tmp_path / "one"), steps(tmp_path / "two"), strict=True):
         assert a["step"] == b["step"] and a["train/lr"] == b["train/lr"]
         assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-3)
@@ -77,7 +79,8 @@ def test_two_processes_train_like_one_with_the_same_global_batch_under_ddp_and_f
         "train_state_rank0.pt", "train_state_rank1.pt"]  # shared state once, per-rank state per rank
     meta = json.loads((checkpoint / "meta.json").read_text())
     assert (meta["step"], meta["num_processes"], meta["config"]["batch_size"]) == (6, 2, 256)
-    assert sorted(meta["files"]) == sorted(p.name for p in checkpoint.iterdir() if p.name != "meta.json")  # every rank's
+    # every rank's files
+    assert sorted(meta["files"]) == sorted(p.name for p in checkpoint.iterdir() if p.name != "meta.json")
     assert (out / "checkpoints" / "LATEST").read_text() == "step_00000012"
     assert not list((out / "checkpoints").glob(".tmp*"))
     resume = [*launch(), "--config_file", "accelerate_configs/ddp.yaml", "train_dual_task.py", *common,
@@ -136,7 +139,8 @@ def test_dual_task_under_fsdp2_is_killed_and_resumes_bit_identically(tmp_path, s
     straight, resumed = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("straight", "killed"))
     assert (resumed["distributed_type"], resumed["mixed_precision"]) == ("FSDP", "bf16")
     assert resumed["test_rmse"] == straight["test_rmse"] and resumed["optimizer_steps"] == straight["optimizer_steps"]
-    assert (tmp_path / "killed" / "model.safetensors").read_bytes() == (tmp_path / "straight" / "model.safetensors").read_bytes()
+    assert ((tmp_path / "killed" / "model.safetensors").read_bytes()
+            == (tmp_path / "straight" / "model.safetensors").read_bytes())
 
 
 def test_two_machines_over_loopback_train_like_ddp_on_one_and_resume_after_a_kill_of_both(tmp_path, small_cmapss):
@@ -144,11 +148,13 @@ def test_two_machines_over_loopback_train_like_ddp_on_one_and_resume_after_a_kil
     the same as 2 processes on one machine; kill -9 of both nodes, `--resume_from latest` on both: bit-identical."""
     args = ["train_dual_task.py", *SMALL, "--data", f"{small_cmapss}/FD001", "--batch_size", 32, "--epochs", 2,
             "--checkpoint_every", 5, "--log_every", 1, "--mixed_precision", "no"]
-    run([*launch(), "--config_file", "accelerate_configs/ddp.yaml", *map(str, args), "--output_dir", str(tmp_path / "ddp")])
+    run([*launch(), "--config_file", "accelerate_configs/ddp.yaml", *map(str, args),
+         "--output_dir", str(tmp_path / "ddp")])
 
     def nodes(*extra, output_dirs=("nodes", "nodes")):  # each node's command; node 0 hosts the rendezvous
         port = str(free_port())
-        return [[sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/multi_node.yaml",
+        return [[sys.executable, "-m", "accelerate.commands.launch",
+                 "--config_file", "accelerate_configs/multi_node.yaml",
                  "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip",
                  "127.0.0.1", "--main_process_port", port, *map(str, args), "--output_dir", str(tmp_path / output_dir),
                  *extra] for rank, output_dir in zip((0, 1), output_dirs)]
@@ -179,7 +185,8 @@ def test_two_machines_over_loopback_train_like_ddp_on_one_and_resume_after_a_kil
     assert nodes_result["optimizer_steps"] == ddp["optimizer_steps"] == 46
     assert nodes_result["test_rmse"] == ddp["test_rmse"] and nodes_result["best_val_rmse"] == ddp["best_val_rmse"]
     assert steps(tmp_path / "nodes") == steps(tmp_path / "ddp")  # every step logged once, by one process, as on one
-    assert (tmp_path / "nodes" / "model.safetensors").read_bytes() == (tmp_path / "ddp" / "model.safetensors").read_bytes()
+    assert ((tmp_path / "nodes" / "model.safetensors").read_bytes()
+            == (tmp_path / "ddp" / "model.safetensors").read_bytes())
 
 
 def test_evaluation_counts_every_sample_once_with_an_uneven_split(tmp_path):
@@ -303,12 +310,14 @@ def test_llava_two_processes_train_like_one_with_the_same_global_batch_under_ddp
                                                        *extra)])
     def fsdp_launch(name):  # a fresh port for each launch
         return [*launch(), "--config_file", "accelerate_configs/fsdp.yaml", "train_llava.py",
-                *llava_args(model, data, "--batch_size", 4, "--checkpoint_every", 1, *extra, "--output_dir", tmp_path / name)]
+                *llava_args(model, data, "--batch_size", 4, "--checkpoint_every", 1, *extra,
+                            "--output_dir", tmp_path / name)]
 
     run([*launch(), "--config_file", "accelerate_configs/ddp.yaml", "train_llava.py",
          *llava_args(model, data, "--batch_size", 4, "--output_dir", tmp_path / "two", *extra)])
     run(fsdp_launch("fsdp"))
-    one, two = json.loads((tmp_path / "one" / "results.json").read_text()), json.loads((tmp_path / "two" / "results.json").read_text())
+    one, two = (json.loads((tmp_path / "one" / "results.json").read_text()),
+                json.loads((tmp_path / "two" / "results.json").read_text()))
     assert (one["num_processes"], one["distributed_type"]) == (1, "NO")
     assert (two["num_processes"], two["distributed_type"]) == (2, "MULTI_CPU")
     assert one["optimizer_steps"] == two["optimizer_steps"] == 4
@@ -325,15 +334,17 @@ def test_llava_two_processes_train_like_one_with_the_same_global_batch_under_ddp
         assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-4)
     assert fsdp["val_accuracy"] == two["val_accuracy"]
     # The adapter, gathered from the shards, is what DDP trained; LoRA went only where it can learn.
-    ddp_adapter, fsdp_adapter = (load_file(tmp_path / n / "adapter" / "adapter_model.safetensors") for n in ("two", "fsdp"))
+    ddp_adapter, fsdp_adapter = (load_file(tmp_path / n / "adapter" / "adapter_model.safetensors")
+                                 for n in ("two", "fsdp"))
     assert ddp_adapter.keys() == fsdp_adapter.keys()
     assert all(torch.allclose(ddp_adapter[k], fsdp_adapter[k], atol=1e-5) for k in ddp_adapter)
     vision = [k for k in fsdp_adapter if "vision_tower" in k]
     assert vision and all("layers.0." in k for k in vision)
     # PeftModel.from_pretrained on the base, in one process, scores the validation images as the FSDP run did.
-    run([sys.executable, "train_llava.py", "--mode", "predict", "--model", str(model), "--output_dir",
-         str(tmp_path / "fsdp"), "--predict_data", str(data / "val.jsonl"), "--num_workers", "0", "--mixed_precision", "no"])
-    during, after = ({r["path"]: r["p_yes"] for r in map(json.loads, (tmp_path / "fsdp" / name).read_text().splitlines())}
+    run([sys.executable, "predict_llava.py", "--model", str(model), "--run_dir", str(tmp_path / "fsdp"), "--data",
+         str(data / "val.jsonl"), "--num_workers", "0", "--mixed_precision", "no"])
+    during, after = ({r["path"]: r["p_yes"]
+                      for r in map(json.loads, (tmp_path / "fsdp" / name).read_text().splitlines())}
                      for name in ("val_predictions.jsonl", "predictions.jsonl"))
     assert during.keys() == after.keys() and all(after[k] == pytest.approx(during[k], abs=1e-5) for k in during)
     # kill -9 after a sharded checkpoint, resume: the same adapter, bit for bit. The checkpoints hold the LoRA
@@ -366,7 +377,8 @@ def test_llava_a_corrupt_image_seen_by_one_rank_stops_every_rank(tmp_path, llava
     manifest = tmp_path / "train.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
     proc = run([*launch(), "--config_file", "accelerate_configs/ddp.yaml", "train_llava.py",
-                *llava_args(model, data, "--batch_size", 4, "--train_data", manifest, "--output_dir", tmp_path / "out")],
+                *llava_args(model, data, "--batch_size", 4, "--train_data", manifest,
+                            "--output_dir", tmp_path / "out")],
                expect_ok=False)
     assert proc.returncode != 0
     assert "error: cannot read image" in proc.stderr and "corrupt.jpg" in proc.stderr

@@ -5,17 +5,9 @@ import math
 import pytest
 import torch
 
-from train_dual_task import (
-    AMNLLoss,
-    Config,
-    DualTaskNet,
-    TrainState,
-    lr_at,
-    param_groups,
-    phm08_score,
-    step_plateau,
-    weight_decay_factor,
-)
+from common.cmapss import phm08_score
+from common.schedules import milestone_factor
+from train_dual_task import AMNLLoss, Config, DualTaskNet, TrainState, lr_at, param_groups, step_plateau
 
 
 def test_lr_warms_up_from_a_tenth_then_follows_cosine_or_plateau():
@@ -47,7 +39,8 @@ def test_plateau_cuts_the_lr_after_patience_bad_epochs():
 
 def test_adaptive_weight_decay():
     cfg = Config()
-    assert [weight_decay_factor(e, cfg) for e in [0, 99, 100, 199, 200, 500]] == [1, 1, 0.5, 0.5, 0.1, 0.1]
+    factors = [milestone_factor(e, cfg.wd_decay_epochs, cfg.wd_decay_factors) for e in [0, 99, 100, 199, 200, 500]]
+    assert factors == [1, 1, 0.5, 0.5, 0.1, 0.1]
 
 
 def test_no_weight_decay_on_biases_and_norm_weights():
@@ -74,6 +67,33 @@ def test_amnl_divides_each_task_by_its_running_average():
     before = loss_fn.averages.clone()
     loss_fn(torch.tensor([float("nan"), 0.0]), rul_true, logits, labels)
     assert loss_fn.averages[0] == before[0] and torch.isfinite(loss_fn.averages).all()
+
+
+def test_amnl_counts_only_the_updates_that_happened_and_resume_keeps_the_count():
+    """A non-finite first batch leaves the averages at zero and must not advance the bias correction: the next
+    (finite) batch is then the first real update, so each loss is divided by itself again (total 1.0, not the
+    1.9 that a counter of 2 would give: 0.1 x / (1 - 0.9**2) = 0.53 x)."""
+    cfg = Config(amnl_decay=0.9, failure_weight=0.0, rul_loss_weight=0.5)
+    loss_fn = AMNLLoss(cfg, device="cpu")
+    rul_pred, rul_true = torch.tensor([0.5, 0.5]), torch.tensor([0.0, 1.0])  # MSE 0.25
+    logits, labels = torch.zeros(2, 3), torch.tensor([0, 2])  # cross-entropy ln 3
+    total, _ = loss_fn(torch.tensor([float("nan"), 0.5]), rul_true, logits.log(), labels)  # both losses non-finite
+    assert not torch.isfinite(total) and loss_fn.averages.tolist() == [0.0, 0.0]
+    total, _ = loss_fn(rul_pred, rul_true, logits, labels)
+    assert total.item() == pytest.approx(1.0)
+    resumed = AMNLLoss(cfg, device="cpu")
+    resumed.load_state_dict(loss_fn.state_dict())
+    avg_rul = (0.9 * 0.1 * 0.25 + 0.1 * 0.5) / (1 - 0.9**2)  # the second real update: RUL loss 0.5
+    for fn in (loss_fn, resumed):
+        total, _ = fn(rul_pred * 2, rul_true, logits, labels)
+        assert total.item() == pytest.approx(0.5 * 0.5 / avg_rul + 0.5 * 1.0, rel=1e-5)
+    # One task non-finite, the other not: each task counts its own updates.
+    loss_fn = AMNLLoss(cfg, device="cpu")
+    loss_fn(torch.tensor([float("nan"), 0.5]), rul_true, logits, labels)
+    assert loss_fn.updates.tolist() == [0.0, 1.0]
+    total, _ = loss_fn(rul_pred, rul_true, logits, labels)
+    health_avg = (0.9 * 0.1 * math.log(3) + 0.1 * math.log(3)) / (1 - 0.9**2)
+    assert total.item() == pytest.approx(0.5 * 1.0 + 0.5 * math.log(3) / health_avg, rel=1e-5)
 
 
 def test_failure_weighting_emphasises_errors_near_the_end_of_life():

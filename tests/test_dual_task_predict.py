@@ -1,5 +1,5 @@
-"""The dual-task script used on new data: --mode predict with the saved preprocessing, and the copy-and-edit path
-(another run-to-failure data set, only the reading part swapped)."""
+"""predict_dual_task.py: a finished run used on new data, with the saved preprocessing; and the copy-and-edit path
+(another run-to-failure data set, only the reading part swapped, in training and prediction alike)."""
 
 import csv
 import json
@@ -15,6 +15,7 @@ import yaml
 from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
+import predict_dual_task
 import train_dual_task
 from train_dual_task import Runs
 
@@ -65,8 +66,8 @@ def test_predict_on_the_test_file_reproduces_the_final_evaluation(tmp_path, smal
     rmse = np.sqrt(np.mean([(float(r["rul"]) - float(r["true_rul"])) ** 2 for r in evaluated]))
     assert len(evaluated) == 5 and rmse == pytest.approx(results["test_rmse"], abs=1e-3)
 
-    proc = subprocess.run([sys.executable, "train_dual_task.py", "--mode", "predict", "--output_dir", str(out),
-                           "--predict_data", str(small_cmapss / "test_FD001.txt")],
+    proc = subprocess.run([sys.executable, "predict_dual_task.py", "--run_dir", str(out),
+                           "--data", str(small_cmapss / "test_FD001.txt")],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert f"RUL and health state of 5 units of {small_cmapss / 'test_FD001.txt'}" in proc.stdout
@@ -81,26 +82,36 @@ def test_predict_refuses_bad_input_with_one_line_and_writes_nothing(tmp_path, sm
     (out / "predictions.csv").write_text("the user's earlier predictions\n")
 
     def refused(*args, match):
-        proc = subprocess.run([sys.executable, "train_dual_task.py", "--mode", "predict", *map(str, args)],
+        proc = subprocess.run([sys.executable, "predict_dual_task.py", *map(str, args)],
                               cwd=REPO, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert re.search(match, proc.stderr.strip().splitlines()[-1]), proc.stderr
 
-    refused("--output_dir", out, match="needs units to predict; pass --predict_data")
-    refused("--output_dir", out, "--predict_data", tmp_path / "nope.txt", "--predict_output", tmp_path / "p.csv",
+    refused("--run_dir", out, match="needs a run and units; pass --run_dir .* and --data")
+    refused("--run_dir", out, "--data", tmp_path / "nope.txt", "--output", tmp_path / "p.csv",
             match="missing data file .*nope.txt")
-    refused("--output_dir", tmp_path / "empty", "--predict_data", small_cmapss / "test_FD001.txt",
+    refused("--run_dir", tmp_path / "empty", "--data", small_cmapss / "test_FD001.txt",
             match="holds no training run")
-    refused("--output_dir", out, "--predict_data", small_cmapss / "test_FD001.txt",
+    refused("--run_dir", out, "--data", small_cmapss / "test_FD001.txt",
             match="predictions.csv exists; pass --overwrite true")
     bad = tmp_path / "bad.txt"
     bad.write_text("1 1 0.5\n")
-    refused("--output_dir", out, "--predict_data", bad, "--predict_output", tmp_path / "p.csv", match="has 3 columns")
+    refused("--run_dir", out, "--data", bad, "--output", tmp_path / "p.csv", match="has 3 columns")
     (out / "preprocessing.json").unlink()
-    refused("--output_dir", out, "--predict_data", small_cmapss / "test_FD001.txt", "--predict_output",
+    refused("--run_dir", out, "--data", small_cmapss / "test_FD001.txt", "--output",
             tmp_path / "p.csv", match="has no model.safetensors and preprocessing.json")
     assert (out / "predictions.csv").read_text() == "the user's earlier predictions\n"
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_the_old_predict_mode_names_the_new_command(tmp_path):
+    for flags in (["--mode", "predict"], ["--predict_data", "x.txt"], ["--predict_output", "p.csv"]):
+        proc = subprocess.run([sys.executable, "train_dual_task.py", *flags, "--output_dir", str(tmp_path / "run")],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and proc.stderr.splitlines() == [
+            f"error: {flags[0]} is not a setting of this script any more; predict with python predict_dual_task.py "
+            f"--run_dir RUN --data FILE"], proc.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_health_states_follow_the_thresholds_and_phm08_can_be_switched_off(tmp_path, small_cmapss, capsys):
@@ -164,7 +175,7 @@ def test_copy_and_edit_another_data_set_by_replacing_only_the_reader(tmp_path, m
     console = capsys.readouterr().out
 
     # The records describe the pumps, not C-MAPSS.
-    saved = (out / "results.json").read_text() + (out / "config.yaml").read_text() + (out / "preprocessing.json").read_text()
+    saved = "".join((out / name).read_text() for name in ("results.json", "config.yaml", "preprocessing.json"))
     for word in ("C-MAPSS", "FD00", "cmapss", "sensor 2", "engine"):
         assert word not in saved and word not in console, word
     assert results["data"] == "pump fleet" and results["test_units"] == 10 and results["test_score"] is None
@@ -178,8 +189,27 @@ def test_copy_and_edit_another_data_set_by_replacing_only_the_reader(tmp_path, m
     assert results["test_rmse"] < 0.8 * np.sqrt(np.mean((true - true.mean()) ** 2))
 
     # Predict with the same reader: the whole CSV, each pump's last cycle.
-    written = train_dual_task.main(["--mode", "predict", "--output_dir", str(out), "--predict_data", str(data)])
+    written = predict_dual_task.main(["--run_dir", str(out), "--data", str(data)])
     predicted = read_csv(written)
     assert [int(r["unit"]) for r in predicted] == list(range(1, 61))
     assert all(0 <= float(r["rul"]) <= 80 for r in predicted)
     assert torch.tensor([float(r["rul"]) for r in predicted[:50]]).mean() < 20  # the training pumps ran to failure
+
+
+def test_every_file_a_run_and_its_prediction_write_follows_the_umask(tmp_path, small_cmapss):
+    """safetensors creates its files 0600; the run's model.safetensors and each checkpoint's must end with the mode
+    every other output has (the umask's), so a teammate who can read results.json can load the model too."""
+    import os
+
+    previous = os.umask(0o002)  # group-writable: unlike both safetensors' 0600 and the usual 0644
+    try:
+        out = tmp_path / "run"
+        run("--data", f"{small_cmapss}/FD001", "--epochs", 1, "--folds", 2, "--output_dir", out)
+        predict_dual_task.main(["--run_dir", str(out), "--data", str(small_cmapss / "test_FD001.txt")])
+    finally:
+        os.umask(previous)
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len([p for p in files if p.suffix == ".safetensors"]) >= 4  # two models and their checkpoints
+    assert (out / "predictions.csv") in files
+    modes = {str(p.relative_to(out)): oct(p.stat().st_mode & 0o777) for p in files}
+    assert {name: mode for name, mode in modes.items() if mode != "0o664"} == {}

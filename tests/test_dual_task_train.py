@@ -328,8 +328,8 @@ def test_val_metric_picks_the_best_epoch_and_stops_early_on_its_own_score(tmp_pa
     The same seed trains the same model either way until a stop."""
     by_metric = {}
     for metric, key in (("windows", "val/rmse"), ("cut", "val/rmse_cut")):
-        results = run(tmp_path, "--data", f"{small_cmapss}/FD001", "--batch_size", "64", "--epochs", "5", "--lr", "3e-3",
-                      "--val_metric", metric, "--early_stopping_patience", "2", name=metric)
+        results = run(tmp_path, "--data", f"{small_cmapss}/FD001", "--batch_size", "64", "--epochs", "5",
+                      "--lr", "3e-3", "--val_metric", metric, "--early_stopping_patience", "2", name=metric)
         scores = [r[key] for r in records(tmp_path / metric) if key in r]
         best = min(range(len(scores)), key=scores.__getitem__)
         assert results["val_metric"] == metric and results["best_val_rmse"] == scores[best]
@@ -365,8 +365,8 @@ def test_folds_train_one_model_per_engine_disjoint_fold_and_average_their_test_p
         test = load_splits(cfg, read_runs(cfg), fold)[0]["test"]  # normalised with this fold's training units
         with torch.no_grad():
             pred = (model(test.x)[0] * cfg.rul_cap).clamp(0, cfg.rul_cap)
-        assert torch.sqrt(((pred - test.rul) ** 2).mean()).item() == pytest.approx(results["per_fold"][fold]["test_rmse"],
-                                                                                  rel=1e-5)
+        assert (torch.sqrt(((pred - test.rul) ** 2).mean()).item()
+                == pytest.approx(results["per_fold"][fold]["test_rmse"], rel=1e-5))
         predictions.append(pred)
     ensemble = torch.stack(predictions).mean(0)
     assert results["test_rmse"] == pytest.approx(torch.sqrt(((ensemble - test.rul) ** 2).mean()).item(), rel=1e-5)

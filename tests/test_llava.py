@@ -25,7 +25,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the scripts are files in the repo root, not an installed package
 
+import predict_llava  # noqa: E402
 import train_llava  # noqa: E402
+from common.classification import classification_metrics  # noqa: E402
 from common.errors import UserError, exit_on_user_error  # noqa: E402
 from common.pretrained import load_processor  # noqa: E402
 from common.schedules import warmup_cosine  # noqa: E402
@@ -33,8 +35,8 @@ from tools.make_synthetic_screenshots import make_dataset  # noqa: E402
 from tools.make_tiny_llava import build_tiny_llava  # noqa: E402
 
 
-def run_main(*args):
-    """train_llava.main in this process, with fresh Accelerate state (it is a per-process singleton).
+def run_main(*args, script=train_llava):
+    """train_llava.main (or another script's) in this process, with fresh Accelerate state (a per-process singleton).
 
     One intra-op thread: the tiny model's tensors gain nothing from more, and when another process
     holds a core, a second OpenMP thread stalls every op (runs took 20x longer here on 2 shared cores).
@@ -46,7 +48,7 @@ def run_main(*args):
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     try:
-        return train_llava.main([str(a) for a in args])
+        return script.main([str(a) for a in args])
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
@@ -190,7 +192,8 @@ def test_left_and_right_padding_give_the_same_predictions(family_models, family)
     base, processor = load_base_and_processor(family_models(family), torch.float32)
     base.eval()
     ids = train_llava.answer_token_ids(processor.tokenizer, "No", "Yes")
-    images = [Image.new("RGB", (200, 100), "red"), Image.new("RGB", (90, 160), "blue"), Image.new("RGB", (64, 64), "white")]
+    images = [Image.new("RGB", (200, 100), "red"), Image.new("RGB", (90, 160), "blue"),
+              Image.new("RGB", (64, 64), "white")]
     questions = ["Is this a prompt injection?", "Does this page contain any text?", "Is it?"]
     probs = {}
     for side in ("left", "right"):
@@ -246,7 +249,7 @@ def test_metrics_match_a_pairwise_auroc_with_ties():
     labels = rng.integers(0, 2, 200)
     scores = np.round(rng.random(200) * 0.6 + 0.4 * labels, 1)  # rounded: many ties
     subsets = ["popup" if y else "news" for y in labels]
-    m = train_llava.classification_metrics(scores, labels, subsets, target_fpr=0.1)
+    m = classification_metrics(scores, labels, subsets, target_fpr=0.1)
     pos, neg = scores[labels == 1], scores[labels == 0]
     pairwise = ((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])).mean()
     assert m["auroc"] == pytest.approx(pairwise)
@@ -258,7 +261,7 @@ def test_metrics_match_a_pairwise_auroc_with_ties():
     assert c["tp"] + c["fn"] == labels.sum() and c["tn"] + c["fp"] == (1 - labels).sum()
     fpr, tpr = (np.array(v) for v in m["roc"])
     assert m["tpr_at_fpr_0.1"] == tpr[fpr <= 0.1].max() and fpr[-1] == tpr[-1] == 1.0
-    one_class = train_llava.classification_metrics(scores[labels == 1], labels[labels == 1], ["x"] * len(pos), 0.1)
+    one_class = classification_metrics(scores[labels == 1], labels[labels == 1], ["x"] * len(pos), 0.1)
     assert one_class["auroc"] is None  # undefined, not a misleading number
 
 
@@ -299,6 +302,29 @@ def test_alpha_cmyk_and_16_bit_images_become_rgb(tmp_path):
     assert images["palette.png"].getpixel((0, 0)) == (255, 255, 255)
 
 
+def test_a_phone_photo_stored_sideways_reaches_the_model_upright(loaded, tmp_path):
+    """A JPEG whose pixels are stored rotated, with the EXIF tag that says "rotate 90 to show" (orientation 6): the
+    model gets the upright picture (as a PNG of it would give), in every path (they all read through load_rgb)."""
+    _, processor = loaded
+    upright = Image.new("RGB", (96, 64), (240, 240, 240))
+    upright.paste((200, 30, 30), (0, 0, 48, 20))  # a red block in the top-left corner: not symmetric under rotation
+    upright.save(tmp_path / "upright.png")
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # how the phone stored it: 64 x 96, turned
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the 0th row is the visual right side; show it turned 90 degrees clockwise
+    stored.save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    stored.save(tmp_path / "untagged.jpg", quality=95)
+    assert train_llava.load_rgb(tmp_path / "photo.jpg").size == (96, 64)
+
+    def pixels(name):
+        items = [(0, train_llava.Sample(tmp_path / name, 1, ""))]
+        inputs = train_llava.collate(items, processor, "USER: <image>\nIs it? ASSISTANT:", "pad")["inputs"]
+        return inputs["pixel_values"][0]
+
+    assert (pixels("photo.jpg") - pixels("upright.png")).abs().mean() < 0.05  # JPEG's rounding only
+    assert (pixels("untagged.jpg") - pixels("upright.png")).abs().mean() > 0.2  # what the model saw before
+
+
 def test_pad_keeps_off_centre_content_that_crop_cuts(loaded, tmp_path):
     _, processor = loaded
     wide = Image.new("RGB", (400, 100), "white")
@@ -307,7 +333,8 @@ def test_pad_keeps_off_centre_content_that_crop_cuts(loaded, tmp_path):
     items = [(0, train_llava.Sample(tmp_path / "wide.png", 1, ""))]
 
     def red_pixels(resize):
-        pixels = train_llava.collate(items, processor, "USER: <image>\nIs it? ASSISTANT:", resize)["inputs"]["pixel_values"][0]
+        inputs = train_llava.collate(items, processor, "USER: <image>\nIs it? ASSISTANT:", resize)["inputs"]
+        pixels = inputs["pixel_values"][0]
         return int(((pixels[0] > 1.0) & (pixels[1] < -1.0)).sum())  # normalised: high red, low green
 
     assert red_pixels("pad") > 0 and red_pixels("stretch") > 0
@@ -318,21 +345,24 @@ def test_bad_label_is_a_one_line_error_with_exit_code_2(screenshots, tmp_path):
     records = records_of(screenshots, "train", 4)
     records[2]["label"] = 2
     manifest = write_manifest(tmp_path / "bad.jsonl", records)
-    proc = subprocess.run([sys.executable, str(ROOT / "train_llava.py"), "--train_data", manifest, "--val_data", manifest,
-                           "--output_dir", tmp_path / "out"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    proc = subprocess.run([sys.executable, str(ROOT / "train_llava.py"), "--train_data", manifest, "--val_data",
+                           manifest, "--output_dir", tmp_path / "out"], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == (f"error: {manifest} line 3 has label 2; labels are 0 (benign) or 1 (prompt injection); "
-                                   f"fix the line or pass --skip_bad_images")
+    assert proc.stderr.strip() == (f"error: {manifest} line 3 has label 2; labels are 0 (benign) or 1 (prompt "
+                                   f"injection); fix the line or pass --skip_bad_images")
 
 
 def test_missing_and_corrupt_images_are_clear_errors(tiny_model, screenshots, tmp_path):
     records = records_of(screenshots, "train", 8)
     missing = write_manifest(tmp_path / "missing.jsonl", records + [{"path": "nowhere.png", "label": 1}])
-    with pytest.raises(UserError, match=r"line 9 names image .*nowhere.png, which does not exist; fix the line or pass --skip_bad_images"):
+    with pytest.raises(UserError, match=r"line 9 names image .*nowhere.png, which does not exist; fix the line or "
+                                        r"pass --skip_bad_images"):
         run_main("--train_data", missing, "--val_data", missing, "--output_dir", tmp_path / "a")
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
     corrupt = write_manifest(tmp_path / "corrupt.jsonl", [{"path": "corrupt.png", "label": 0}] + records)
-    with pytest.raises(UserError, match=r"^cannot read image .*corrupt.png \(.*\); fix or remove it, or pass --skip_bad_images$") as err:
+    with pytest.raises(UserError, match=r"^cannot read image .*corrupt.png \(.*\); fix or remove it, or pass "
+                                        r"--skip_bad_images$") as err:
         run_main("--model", tiny_model, "--train_data", corrupt, "--val_data", corrupt, "--output_dir", tmp_path / "b",
                  "--num_workers", 0, "--batch_size", 4)
     assert "\n" not in str(err.value)
@@ -375,7 +405,8 @@ def test_tiny_model_learns_the_synthetic_task(trained_run):
     assert saved["best_metric"] == "auroc" and saved["skipped_bad_images"] == 0
     assert saved["train_samples_per_second"] > 0 and saved["peak_memory_mb"] > 0
     for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/processor_config.json",
-                 "adapter/detector.json", "roc_curve.png", "metrics.jsonl", "val_predictions.jsonl", "merged/config.json"):
+                 "adapter/detector.json", "roc_curve.png", "metrics.jsonl", "val_predictions.jsonl",
+                 "merged/config.json"):
         assert (output_dir / name).is_file(), name
 
 
@@ -400,11 +431,11 @@ def test_reloaded_adapter_reproduces_predictions_exactly(trained_run, tiny_model
     output_dir, _ = trained_run
     adapter = load_file(output_dir / "adapter/adapter_model.safetensors")
     assert adapter and all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in adapter.values())
-    model, _, _ = train_llava.load_trained(str(tiny_model), output_dir / "adapter", torch.float32)
+    model, _, _ = predict_llava.load_trained(str(tiny_model), output_dir / "adapter", torch.float32)
     assert isinstance(model, PeftModel)
 
-    run_main("--mode", "predict", "--model", tiny_model, "--output_dir", output_dir, "--predict_data",
-             screenshots / "val.jsonl", "--predict_output", tmp_path / "p.jsonl", "--eval_batch_size", 50, "--num_workers", 0)
+    run_main("--model", tiny_model, "--run_dir", output_dir, "--data", screenshots / "val.jsonl", "--output",
+             tmp_path / "p.jsonl", "--batch_size", 50, "--num_workers", 0, script=predict_llava)
     read = lambda path: {r["path"]: r for r in map(json.loads, path.read_text().splitlines())}  # noqa: E731
     during_training, reloaded = read(output_dir / "val_predictions.jsonl"), read(tmp_path / "p.jsonl")
     assert len(reloaded) == 100 and reloaded.keys() == during_training.keys()
@@ -418,7 +449,8 @@ def test_reloaded_adapter_reproduces_predictions_exactly(trained_run, tiny_model
     merged = LlavaForConditionalGeneration.from_pretrained(output_dir / "merged").eval()
     _, processor = load_base_and_processor(output_dir / "merged", torch.float32)
     samples, _ = train_llava.load_samples(str(screenshots / "val.jsonl"), skip_bad=False)
-    batch = train_llava.collate(list(enumerate(samples[:8])), processor, train_llava.build_prompt(processor, train_llava.DEFAULT_QUESTION), "pad")
+    prompt = train_llava.build_prompt(processor, train_llava.DEFAULT_QUESTION)
+    batch = train_llava.collate(list(enumerate(samples[:8])), processor, prompt, "pad")
     ids = train_llava.answer_token_ids(processor.tokenizer, "No", "Yes")
     with torch.no_grad():
         p_yes = train_llava.answer_logits(merged, batch["inputs"], ids).softmax(-1)[:, 1]
@@ -476,14 +508,15 @@ def test_resume_from_a_checkpoint_continues_exactly(tiny_model, screenshots, tmp
 
     train = write_manifest(tmp_path / "train.jsonl", records_of(screenshots, "train", 32))
     val = write_manifest(tmp_path / "val.jsonl", records_of(screenshots, "val", 8))
-    common = ["--model", tiny_model, "--train_data", train, "--val_data", val, "--batch_size", 8, "--grad_accum_steps", 1,
-              "--epochs", 1, "--checkpoint_every", 2, "--lr", 1e-3, "--num_workers", 0]
+    common = ["--model", tiny_model, "--train_data", train, "--val_data", val, "--batch_size", 8,
+              "--grad_accum_steps", 1, "--epochs", 1, "--checkpoint_every", 2, "--lr", 1e-3, "--num_workers", 0]
     run_main(*common, "--output_dir", tmp_path / "straight")
     checkpoint = tmp_path / "straight/checkpoints/step_00000002"
     saved = load_file(checkpoint / "model.safetensors")
     assert saved and all("lora_" in k for k in saved)  # the frozen base is not written into checkpoints
     shutil.copytree(checkpoint, tmp_path / "resumed/checkpoints/step_00000002")
-    run_main(*common, "--output_dir", tmp_path / "resumed", "--resume_from", tmp_path / "resumed/checkpoints/step_00000002")
+    run_main(*common, "--output_dir", tmp_path / "resumed",
+             "--resume_from", tmp_path / "resumed/checkpoints/step_00000002")
     straight = load_file(tmp_path / "straight/adapter/adapter_model.safetensors")
     resumed = load_file(tmp_path / "resumed/adapter/adapter_model.safetensors")
     assert straight.keys() == resumed.keys()
@@ -600,8 +633,9 @@ def snapshot(folder: Path) -> dict:
     ("unknown key", r"unknown config key 'lora_rank' in the command line \(did you mean 'lora_r'\?\)"),
     ("wrong type", r"config key 'lora_r' expects int, got 'eight'"),
 ])
-def test_bad_input_leaves_an_existing_run_untouched(trained_run, screenshots, tmp_path, case, message):
-    """Each case is refused before anything is written, even when resuming into a finished run's folder."""
+def test_bad_input_leaves_an_existing_run_untouched(trained_run, tiny_model, screenshots, tmp_path, case, message):
+    """Each case is refused before anything is written, even when resuming into a finished run's folder (with its
+    own model: a resume with another one is refused by the checkpoint's settings, before the data is read)."""
     output_dir, _ = trained_run
     before = snapshot(output_dir)
     good = write_manifest(tmp_path / "good.jsonl", records_of(screenshots, "val", 4))
@@ -614,7 +648,7 @@ def test_bad_input_leaves_an_existing_run_untouched(trained_run, screenshots, tm
     extra = {"unknown key": ["--lora_rank", 8], "wrong type": ["--lora_r", "eight"]}.get(case, [])
     with pytest.raises(UserError, match=message) as err:
         run_main("--train_data", manifest, "--val_data", good, "--output_dir", output_dir, "--resume_from", "latest",
-                 *extra)
+                 "--model", tiny_model, *extra)
     assert "\n" not in str(err.value)
     assert snapshot(output_dir) == before
 
@@ -648,7 +682,8 @@ def test_gigantic_and_truncated_images_are_named(tiny_model, screenshots, tmp_pa
 # Another yes/no question with class names of its own; predict without --model; a console of our own lines
 # ----------------------------------------------------------------------------------------------
 
-LOGIN = ["--positive_label", "login", "--negative_label", "other", "--question", "Is this a login page? Answer Yes or No."]
+LOGIN = ["--positive_label", "login", "--negative_label", "other",
+         "--question", "Is this a login page? Answer Yes or No."]
 DEFAULT_WORDS = re.compile("malicious|benign|injection", re.IGNORECASE)
 
 
@@ -665,18 +700,19 @@ def relabelled(screenshots: Path, root: Path, split: str, per_class: int) -> Pat
 @pytest.fixture(scope="module")
 def login_run(tiny_model, screenshots, tmp_path_factory):
     """The CPU demo's settings (a DataLoader worker, one thread) with gradient checkpointing, asking another question
-    with class names of its own, from the command line as a user starts it; then --mode predict without --model.
+    with class names of its own, from the command line as a user starts it; then predict_llava.py without --model.
     Returns the run folder, the validation folder and both finished processes (stdout and stderr captured)."""
     root = tmp_path_factory.mktemp("login")
-    train, val, test = (relabelled(screenshots, root, split, n) for split, n in (("train", 16), ("val", 8), ("test", 4)))
+    train, val, test = (relabelled(screenshots, root, split, n)
+                        for split, n in (("train", 16), ("val", 8), ("test", 4)))
     out, env = root / "run", {**os.environ, "OMP_NUM_THREADS": "1"}
     trained = subprocess.run([sys.executable, "train_llava.py", *map(str, [
         "--config", ROOT / "configs/llava_tiny_cpu.yaml", "--model", tiny_model, "--build_tiny_model", "false",
         "--make_synthetic_data", "false", "--train_data", train, "--val_data", val, "--test_data", test,
         "--output_dir", out, "--epochs", 1, "--gradient_checkpointing", "true", *LOGIN])],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    predicted = subprocess.run([sys.executable, "train_llava.py", "--mode", "predict", "--output_dir", str(out),
-                                "--predict_data", str(val), "--num_workers", "1", "--num_threads", "1"],
+    predicted = subprocess.run([sys.executable, "predict_llava.py", "--run_dir", str(out),
+                                "--data", str(val), "--num_workers", "1", "--num_threads", "1"],
                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     return out, val, trained, predicted
 
@@ -692,7 +728,8 @@ def test_another_question_with_its_own_class_names(login_run):
     for split, n in (("val", 8), ("test", 4)):
         per_subset = results[f"{split}_per_subset"]
         assert set().union(*per_subset.values()) <= {"login", "tpr", "other", "fpr"}
-        assert sum(s.get("login", 0) for s in per_subset.values()) == sum(s.get("other", 0) for s in per_subset.values()) == n
+        counts = [sum(s.get(name, 0) for s in per_subset.values()) for name in ("login", "other")]
+        assert counts == [n, n]
         assert all(0 <= s.get(rate, 0) <= 1 for s in per_subset.values() for rate in ("tpr", "fpr"))
     detector = json.loads((out / "adapter/detector.json").read_text())
     assert (detector["positive_label"], detector["negative_label"]) == ("login", "other")
@@ -749,8 +786,8 @@ def test_predict_refuses_another_base_unless_allowed(trained_run, tiny_model, sc
     images = write_manifest(tmp_path / "images.jsonl", records_of(screenshots, "val", 8))
 
     def predict(model, output, *extra):
-        return run_main("--mode", "predict", "--model", model, "--output_dir", output_dir, "--predict_data", images,
-                        "--predict_output", tmp_path / output, "--num_workers", 0, *extra)
+        return run_main("--model", model, "--run_dir", output_dir, "--data", images,
+                        "--output", tmp_path / output, "--num_workers", 0, *extra, script=predict_llava)
 
     assert len(predict(moved, "moved.jsonl")["p_yes"]) == 8
     before = snapshot(output_dir)
@@ -765,3 +802,23 @@ def test_predict_refuses_another_base_unless_allowed(trained_run, tiny_model, sc
     assert len(predict(other, "allowed.jsonl", "--allow_other_base", "true")["p_yes"]) == 8
     assert "warning: --allow_other_base: the adapter goes onto" in capsys.readouterr().err
     assert len((tmp_path / "allowed.jsonl").read_text().splitlines()) == 8
+
+
+def test_every_file_a_run_and_its_prediction_write_follows_the_umask(tiny_model, screenshots, tmp_path):
+    """safetensors creates its files 0600 (the adapter, the checkpoints' weights, merged/): they must end with the
+    umask's mode, as every other output does, so a teammate who can read results.json can load the adapter too."""
+    train = write_manifest(tmp_path / "train.jsonl", records_of(screenshots, "train", 8))
+    val = write_manifest(tmp_path / "val.jsonl", records_of(screenshots, "val", 8))
+    out, previous = tmp_path / "run", os.umask(0o002)  # group-writable: unlike both 0600 and the usual 0644
+    try:
+        run_main(*demo_args(tiny_model, screenshots, out, "--train_data", train, "--val_data", val, "--test_data", val,
+                            "--epochs", 1, "--merge", "true"))
+        run_main("--run_dir", out, "--data", val, "--num_workers", 0, script=predict_llava)
+    finally:
+        os.umask(previous)
+    files = [p for p in out.rglob("*") if p.is_file()]
+    safetensors = {str(p.relative_to(out).parent) for p in files if p.suffix == ".safetensors"}
+    assert {"adapter", "merged"} <= safetensors and any(s.startswith("checkpoints/") for s in safetensors), safetensors
+    assert (out / "predictions.jsonl") in files
+    modes = {str(p.relative_to(out)): oct(p.stat().st_mode & 0o777) for p in files}
+    assert {name: mode for name, mode in modes.items() if mode != "0o664"} == {}

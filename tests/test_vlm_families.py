@@ -3,7 +3,7 @@
 Each family's tiny random model is built with `tools/make_tiny_llava.py --family` and loaded through
 AutoModelForImageTextToText / AutoProcessor, as a real checkpoint of that family would be. One run per family with
 the CPU demo's settings (configs/llava_tiny_cpu.yaml), on 160 training screenshots for 3 epochs to keep CI short
-(the full demo's numbers are in docs/vlm_families.md) and with a checkpoint every 5 steps, is shared by the tests:
+(the full demo's numbers are in docs/results.md) and with a checkpoint every 5 steps, is shared by the tests:
 it learns the synthetic task, its adapter reloads with PeftModel.from_pretrained and scores every validation image
 exactly as the run did, and a run resumed from one of its checkpoints ends with the same weights. LLaVA-1.5's own
 tests are in test_llava.py; the answer-position and padding tests there run for every family.
@@ -24,7 +24,9 @@ sys.path.insert(0, str(ROOT))  # the scripts are files in the repo root, not an 
 
 from test_llava import demo_args, run_main  # noqa: E402  (the CPU demo's arguments; train_llava.main in this process)
 
+import predict_llava  # noqa: E402
 import train_llava  # noqa: E402
+from common import pretrained  # noqa: E402
 from common.errors import UserError  # noqa: E402
 from common.pretrained import load_processor, model_parts  # noqa: E402
 from tools.make_synthetic_screenshots import make_dataset  # noqa: E402
@@ -80,8 +82,8 @@ def test_tiny_model_loads_through_the_auto_classes_with_its_parts_found(family_m
     assert base.config.model_type == family
     parts = model_parts(base)
     assert parts == {"language model": language_model, "vision tower": vision_tower, "vision layers": vision_layers}
-    assert list(train_llava.used_vision_layers(base.config)) == used
-    assert train_llava.fixed_input_size(processor.image_processor) is None  # these processors keep the aspect ratio
+    assert list(pretrained.used_vision_layers(base.config)) == used
+    assert pretrained.fixed_input_size(processor.image_processor) is None  # these processors keep the aspect ratio
     assert train_llava.build_prompt(processor, "Is it?").endswith({"llava_next": "[/INST]",
                                                                    "idefics3": "Assistant:"}[family])
 
@@ -92,7 +94,8 @@ def test_lora_trains_both_parts_under_gradient_checkpointing(family_model):
     family, model = family_model
     _, _, language_model, _, vision_layers, used = EXPECTED[family]
     vision = ["q_proj", "fc1"]  # attention and MLP: both towers' layers have them
-    cfg = train_llava.Config(model=str(model), gradient_checkpointing=True, lora_dropout=0.0, lora_vision_modules=vision)
+    cfg = train_llava.Config(model=str(model), gradient_checkpointing=True, lora_dropout=0.0,
+                             lora_vision_modules=vision)
     processor = load_processor(str(model))
     peft_model = train_llava.add_lora(cfg, train_llava.load_base(str(model), processor, torch.bfloat16)).train()
     lora = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
@@ -125,7 +128,8 @@ def test_resize_choices_for_processors_that_keep_the_aspect_ratio(family_model, 
     Image.new("RGB", (200, 80), "white").save(tmp_path / "wide.png")
     items = [(0, train_llava.Sample(tmp_path / "wide.png", 1, ""))]
     prompt = train_llava.build_prompt(processor, "Is it?")
-    pad, crop, stretch = (train_llava.collate(items, processor, prompt, resize)["inputs"] for resize in ("pad", "crop", "stretch"))
+    pad, crop, stretch = (train_llava.collate(items, processor, prompt, resize)["inputs"]
+                          for resize in ("pad", "crop", "stretch"))
     assert torch.equal(pad["pixel_values"], crop["pixel_values"]) and torch.equal(pad["input_ids"], crop["input_ids"])
     if family == "llava_next":
         assert pad["image_sizes"].tolist() == [[80, 200]] and stretch["image_sizes"].tolist() == [[200, 200]]
@@ -153,11 +157,10 @@ def test_reloaded_adapter_reproduces_predictions_exactly(family_run, screenshots
     from peft import PeftModel
 
     family, model, output_dir, _ = family_run
-    reloaded, _, _ = train_llava.load_trained(str(model), output_dir / "adapter", torch.float32)
+    reloaded, _, _ = predict_llava.load_trained(str(model), output_dir / "adapter", torch.float32)
     assert isinstance(reloaded, PeftModel) and reloaded.base_model.model.config.model_type == family
-    run_main("--mode", "predict", "--model", model, "--output_dir", output_dir, "--predict_data",
-             screenshots / "val.jsonl", "--predict_output", tmp_path / "p.jsonl", "--eval_batch_size", 50,
-             "--num_workers", 0)
+    run_main("--model", model, "--run_dir", output_dir, "--data", screenshots / "val.jsonl", "--output",
+             tmp_path / "p.jsonl", "--batch_size", 50, "--num_workers", 0, script=predict_llava)
     read = lambda path: {r["path"]: r["p_yes"] for r in map(json.loads, path.read_text().splitlines())}  # noqa: E731
     during_training, predicted = read(output_dir / "val_predictions.jsonl"), read(tmp_path / "p.jsonl")
     assert len(predicted) == 100 and predicted == during_training  # every P(Yes) exactly, not approximately
@@ -227,7 +230,8 @@ def test_a_model_with_its_own_image_positions_gets_the_exact_answer_too():
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     tokenizer = build_tokenizer()
-    start, end, pad_token = len(tokenizer), len(tokenizer) + 1, len(tokenizer) + 2  # <|vision_start|>, ...end, <|image_pad|>
+    # <|vision_start|>, ...end, <|image_pad|>
+    start, end, pad_token = len(tokenizer), len(tokenizer) + 1, len(tokenizer) + 2
     config = Qwen2VLConfig(
         text_config=dict(vocab_size=len(tokenizer) + 3, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
@@ -242,7 +246,8 @@ def test_a_model_with_its_own_image_positions_gets_the_exact_answer_too():
 
     def sample(size, question):
         pixels = image_processor(images=[Image.new("RGB", size, "red")], return_tensors="pt")
-        words = tokenizer.encode(question, add_special_tokens=False) + tokenizer.encode("ASSISTANT :", add_special_tokens=False)
+        words = (tokenizer.encode(question, add_special_tokens=False)
+                 + tokenizer.encode("ASSISTANT :", add_special_tokens=False))
         tokens = [start] + [pad_token] * (int(pixels["image_grid_thw"].prod()) // 4) + [end] + words
         return tokens, pixels
 
@@ -251,7 +256,8 @@ def test_a_model_with_its_own_image_positions_gets_the_exact_answer_too():
 
     def batch(side):
         width = max(len(tokens) for tokens, _ in samples)
-        rows = [[tokenizer.pad_token_id] * (width - len(t)) + t if side == "left" else t + [tokenizer.pad_token_id] * (width - len(t))
+        rows = [[tokenizer.pad_token_id] * (width - len(t)) + t if side == "left"
+                else t + [tokenizer.pad_token_id] * (width - len(t))
                 for t, _ in samples]
         input_ids = torch.tensor(rows)
         mask = torch.tensor([[int(i >= width - len(t)) if side == "left" else int(i < len(t)) for i in range(width)]
@@ -263,7 +269,8 @@ def test_a_model_with_its_own_image_positions_gets_the_exact_answer_too():
     with torch.no_grad():
         answers = {side: train_llava.answer_logits(model, batch(side), ids) for side in ("left", "right")}
         for row, (tokens, pixels) in enumerate(samples):  # each sample alone, the model numbering its own tokens
-            alone = {"input_ids": torch.tensor([tokens]), "attention_mask": torch.ones(1, len(tokens), dtype=torch.long),
+            alone = {"input_ids": torch.tensor([tokens]),
+                     "attention_mask": torch.ones(1, len(tokens), dtype=torch.long),
                      "mm_token_type_ids": (torch.tensor([tokens]) == pad_token).int(), **pixels}
             full = model(**alone).logits[0, -1, ids]
             for side in ("left", "right"):
@@ -304,5 +311,6 @@ def test_an_encoder_decoder_image_text_to_text_checkpoint_is_refused_from_its_co
 
     Pix2StructConfig().save_pretrained(tmp_path)
     with pytest.raises(UserError, match=r"is an encoder-decoder 'pix2struct' model; the Yes/No answer is read where a "
-                                        r"decoder-only model would write its next token: pass a decoder-only checkpoint$"):
+                                        r"decoder-only model would write its next token: "
+                                        r"pass a decoder-only checkpoint$"):
         check_pretrained(str(tmp_path))

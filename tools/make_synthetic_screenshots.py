@@ -6,8 +6,9 @@ Writes `{train,val,test}/{benign,malicious}/<subset>/<id>.<ext>` (WAInjectBench'
 `train.jsonl`, `val.jsonl`, `test.jsonl` beside them, one `{"path", "label", "subset"}` per line with
 paths relative to the manifest. Benign pages ("article", "shop") have a header, text and pictures in
 muted colours; malicious ones add an injected element with a loud look and instruction text: a
-"popup" dialog (red frame and title, yellow body, often over a dimmed page) or a "banner" (a bright yellow or red strip).
-Sizes and aspect ratios vary, and a few files are RGBA PNGs or CMYK JPEGs, as scraped data would be.
+"popup" dialog (red frame and title, yellow body, often over a dimmed page) or a "banner" (a bright
+yellow or red strip). Sizes and aspect ratios vary, and a few files are RGBA PNGs or CMYK JPEGs, as
+scraped data would be.
 """
 
 import argparse
@@ -143,7 +144,8 @@ def make_dataset(output_dir: str | Path, sizes: dict[str, int] | None = None, se
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--output_dir", default="runs/synthetic_screenshots", help="where to write images and manifests")
+    parser.add_argument("--output_dir", default="runs/synthetic_screenshots",
+                        help="where to write images and manifests")
     parser.add_argument("--train", type=int, default=400, help="training images")
     parser.add_argument("--val", type=int, default=100, help="validation images")
     parser.add_argument("--test", type=int, default=100, help="test images")

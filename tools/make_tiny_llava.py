@@ -7,11 +7,14 @@ same `AutoModelForImageTextToText` / `AutoProcessor` calls as a real checkpoint 
     python tools/make_tiny_llava.py --family llava_next --output_dir runs/tiny_llava_next   # LLaVA-NeXT
     python tools/make_tiny_llava.py --family idefics3 --output_dir runs/tiny_idefics3       # Idefics3
 
-| family | like | vision tower | image tokens per picture | chat template |
-|---|---|---|---|---|
-| llava | llava-hf/llava-1.5-7b-hf | CLIP, 64 px, CLS token dropped | 64, always | USER: <image>\\n... ASSISTANT: |
-| llava_next | llava-hf/llava-v1.6-mistral-7b-hf | CLIP, 32 px tiles, anyres grid up to 64 px | 34-88, by shape | [INST] <image>\\n... [/INST] |
-| idefics3 | HuggingFaceM4/Idefics3-8B-Llama3 | SigLIP-like, 32 px tiles, pixel shuffle 2 x 2 | 12 or 20, by shape | User:<image>...<end_of_utterance>\\nAssistant: |
+Per family:
+
+- llava, like llava-hf/llava-1.5-7b-hf. Vision tower: CLIP, 64 px, CLS token dropped. Image tokens per picture:
+  64, always. Chat template: `USER: <image>\\n... ASSISTANT:`
+- llava_next, like llava-hf/llava-v1.6-mistral-7b-hf. Vision tower: CLIP, 32 px tiles, anyres grid up to 64 px.
+  Image tokens per picture: 34-88, by shape. Chat template: `[INST] <image>\\n... [/INST]`
+- idefics3, like HuggingFaceM4/Idefics3-8B-Llama3. Vision tower: SigLIP-like, 32 px tiles, pixel shuffle 2 x 2.
+  Image tokens per picture: 12 or 20, by shape. Chat template: `User:<image>...<end_of_utterance>\\nAssistant:`
 
 The language model is always a 2-layer Llama of width 64. The tokenizer is a word-level vocabulary built with the
 `tokenizers` library in which the family's special tokens, `Yes` and `No` are single tokens.
@@ -28,7 +31,8 @@ from transformers import CLIPVisionConfig, LlamaConfig, PreTrainedTokenizerFast
 FAMILIES = ("llava", "llava_next", "idefics3")
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
 WORDS = (
-    "USER ASSISTANT : Yes No Does Is Answer . , ? ! ' \" - a an the this that is are does do it its of to in on for and or "
+    "USER ASSISTANT : Yes No Does Is Answer . , ? ! ' \" - a an the "
+    "this that is are does do it its of to in on for and or "
     "screenshot image page web contain contains any text instruction instructions prompt injection attempt "
     "trying tries try give gives agent AI assistant answer only ignore previous"
 ).split()
@@ -52,7 +56,8 @@ CHAT_TEMPLATES = {
     "llava_next": (
         "{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' }}"
         "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
-        "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] + ' ' }}{% endif %}{% endfor %}"
+        "{% for item in message['content'] %}"
+        "{% if item['type'] == 'text' %}{{ item['text'] + ' ' }}{% endif %}{% endfor %}"
         "{{ '[/INST]' }}{% endif %}{% endfor %}"
     ),
     # Idefics3's: "User:" directly followed by the image, each turn closed by <end_of_utterance>; the answer follows
@@ -72,7 +77,8 @@ def build_tokenizer(family: str = "llava") -> PreTrainedTokenizerFast:
     vocab = {token: i for i, token in enumerate(special + WORDS)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()  # words and punctuation runs
-    backend.add_special_tokens(special[5:])  # matched whole, before the split into words (e.g. "[INST]", "<row_1_col_1>")
+    # Matched whole, before the split into words (e.g. "[INST]", "<row_1_col_1>").
+    backend.add_special_tokens(special[5:])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>",
         extra_special_tokens={"image_token": "<image>"}, chat_template=CHAT_TEMPLATES[family],
@@ -80,12 +86,13 @@ def build_tokenizer(family: str = "llava") -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def build_tiny_llava(output_dir: str | Path, image_size: int | None = None, patch_size: int | None = None, seed: int = 0,
-                     family: str = "llava") -> Path:
+def build_tiny_llava(output_dir: str | Path, image_size: int | None = None, patch_size: int | None = None,
+                     seed: int = 0, family: str = "llava") -> Path:
     """Write a tiny random model of `family` and its processor to `output_dir`; returns the folder."""
     output_dir = Path(output_dir)
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):  # never overwrite a real model
-        raise FileExistsError(f"{output_dir} is not an empty folder; the tiny model is built only into a new or empty one")
+        raise FileExistsError(f"{output_dir} is not an empty folder; "
+                              "the tiny model is built only into a new or empty one")
     image_size, patch_size = image_size or DEFAULT_SIZES[family][0], patch_size or DEFAULT_SIZES[family][1]
     tokenizer = build_tokenizer(family)
     model_class, config, processor = {"llava": tiny_llava, "llava_next": tiny_llava_next,
@@ -120,7 +127,8 @@ def tiny_llava(tokenizer, image_size: int, patch_size: int):
     config = LlavaConfig(vision_config=tiny_clip(image_size, patch_size), text_config=tiny_llama(tokenizer),
                          image_token_index=tokenizer.convert_tokens_to_ids("<image>"), image_seq_length=num_patches,
                          vision_feature_layer=-2, vision_feature_select_strategy="default")
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                            crop_size={"height": image_size, "width": image_size})
     # num_additional_image_tokens=1: CLIP adds a CLS token, which the "default" strategy then drops.
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1,
@@ -140,7 +148,8 @@ def tiny_llava_next(tokenizer, image_size: int, patch_size: int):
 
     pinpoints = [[image_size, 2 * image_size], [2 * image_size, image_size], [2 * image_size, 2 * image_size]]
     config = LlavaNextConfig(vision_config=tiny_clip(image_size, patch_size), text_config=tiny_llama(tokenizer),
-                             image_token_index=tokenizer.convert_tokens_to_ids("<image>"), image_grid_pinpoints=pinpoints,
+                             image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                             image_grid_pinpoints=pinpoints,
                              vision_feature_layer=-2, vision_feature_select_strategy="default")
     image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": image_size},
                                                  crop_size={"height": image_size, "width": image_size},
@@ -169,16 +178,19 @@ def tiny_idefics3(tokenizer, image_size: int, patch_size: int):
     image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 2 * image_size},
                                                 max_image_size={"longest_edge": image_size}, do_image_splitting=True)
     processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer,
-                                  image_seq_len=(image_size // patch_size // 2) ** 2, chat_template=CHAT_TEMPLATES["idefics3"])
+                                  image_seq_len=(image_size // patch_size // 2) ** 2,
+                                  chat_template=CHAT_TEMPLATES["idefics3"])
     return Idefics3ForConditionalGeneration, config, processor
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--family", default="llava", choices=FAMILIES, help="which architecture and processor")
-    parser.add_argument("--output_dir", default=None, help="where to save the model and processor (default: runs/tiny_<family>)")
-    parser.add_argument("--image_size", type=int, default=None, help="input side of the vision tower (a tile's side for "
-                        "llava_next and idefics3; default 64 for llava, 32 for the others)")
+    parser.add_argument("--output_dir", default=None,
+                        help="where to save the model and processor (default: runs/tiny_<family>)")
+    parser.add_argument("--image_size", type=int, default=None,
+                        help="input side of the vision tower (a tile's side for llava_next and idefics3; "
+                        "default 64 for llava, 32 for the others)")
     parser.add_argument("--patch_size", type=int, default=None, help="vision patch size (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     args = parser.parse_args()

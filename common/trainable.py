@@ -1,0 +1,67 @@
+"""The trainable weights of a model with a frozen base (LoRA on a 7B vision-language model), for train_llava.py:
+checkpoint only them, gather them (from FSDP2 shards) to save the adapter, copy them aside and back, and merge a
+saved adapter into its base."""
+
+from pathlib import Path
+
+import torch
+
+from common.run_log import replace_folder
+
+
+def gather_trainable(accelerator, model) -> dict:
+    """The trainable (e.g. LoRA) weights as full CPU tensors, for saving. Under FSDP2 each is a DTensor shard and
+    `full_tensor()` is a collective: every process must call this; only the main process writes. Gathering
+    just the adapters (not `accelerator.get_state_dict`, which would gather the frozen base too) keeps a
+    7B model's gather to a few MB."""
+    return {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
+            for name, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+
+
+def copy_trainable(model) -> dict:
+    """A copy of the trainable (e.g. LoRA) weights as they are, to restore with `restore_trainable`."""
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def restore_trainable(model, weights: dict) -> None:
+    """Copy weights saved by `copy_trainable` back into the same (prepared) model."""
+    for name, p in model.named_parameters():
+        if name in weights:
+            p.copy_(weights[name])
+
+
+def checkpoint_trainable_only(model) -> None:
+    """Checkpoints of `model` hold its trainable weights only (LoRA: megabytes, not the frozen 7B base).
+
+    Done with the model's own state-dict hooks (public torch API), so that every way Accelerate saves
+    and loads it sees the same trainable-only state dict: DDP's or one process's model.safetensors,
+    and FSDP2's sharded torch.distributed.checkpoint folder. On loading, the frozen weights (already
+    in the model, from the base checkpoint) do not count as missing; a missing trainable one still
+    fails. Call before `accelerator.prepare`.
+    """
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+
+    def drop_frozen(module, state_dict, prefix, local_metadata):
+        for name in frozen:
+            state_dict.pop(prefix + name, None)
+
+    def is_frozen(key: str) -> bool:  # the key may carry a wrapper's prefix ("module." under DDP)
+        return key in frozen or any(key[i + 1:] in frozen for i, char in enumerate(key) if char == ".")
+
+    def frozen_weights_are_not_missing(module, incompatible_keys):
+        incompatible_keys.missing_keys[:] = [key for key in incompatible_keys.missing_keys if not is_frozen(key)]
+
+    model.register_state_dict_post_hook(drop_frozen)
+    model.register_load_state_dict_post_hook(frozen_weights_are_not_missing)
+
+
+def save_merged(base, adapter_dir: Path, processor, output_dir: Path) -> None:
+    """`base` + the adapter saved in `adapter_dir`, merged into full weights, saved with `processor` in `output_dir`
+    (through a temporary folder). Reloads the adapter as a user would, in one process, whatever the training setup."""
+    from peft import PeftModel
+
+    tmp = output_dir.with_name(f".{output_dir.name}.tmp")
+    PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    replace_folder(tmp, output_dir)
