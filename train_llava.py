@@ -45,9 +45,9 @@ from common.images import IMAGE_ERRORS, check_bad_images, image_problems, load_r
 from common.launch import Run, exit_preempted, finish, make_accelerator, preflight, run_facts, start_run, warn_if_short
 from common.plots import plot_roc
 from common.preemption import Preemption
-from common.run_log import MetricsLog, RunningMean, peak_memory_mb, replace_folder, write_json
+from common.run_log import MetricsLog, RunningMean, peak_memory_mb, write_json
 from common.schedules import set_lr, warmup_cosine
-from common.trainable import checkpoint_trainable_only, copy_trainable, gather_trainable, restore_trainable, save_merged
+from common.trainable import checkpoint_trainable_only, copy_trainable, restore_trainable, save_adapter, save_merged
 from tools.demo import prepare_demo_inputs
 
 LM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -543,28 +543,16 @@ def check_model(cfg: Config):
     return processor, answer_ids, build_prompt(processor, cfg.question)
 
 
-def save_adapter(accelerator, model, processor, cfg: Config, answer_ids: list[int]) -> Path:
-    """The adapter (save_pretrained, for PeftModel.from_pretrained), the processor and detector.json beside it."""
-    adapter_dir, tmp = Path(cfg.output_dir) / "adapter", Path(cfg.output_dir) / ".adapter.tmp"
-    state_dict = gather_trainable(accelerator, model)  # a collective call under FSDP: every process
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
-        processor.save_pretrained(tmp)
-        detector = {"question": cfg.question, "yes_token": cfg.yes_token, "no_token": cfg.no_token,
-                    "answer_ids": answer_ids, "resize": cfg.resize, "positive_label": cfg.positive_label,
-                    "negative_label": cfg.negative_label, "base_model": cfg.model,
-                    "base_identity": pretrained.base_identity(accelerator.unwrap_model(model).get_base_model().config)}
-        write_json(tmp / "detector.json", detector)
-        replace_folder(tmp, adapter_dir)
-    accelerator.wait_for_everyone()
-    return adapter_dir
-
-
 def save_and_score(cfg, accelerator, model, processor, loaders, answer_ids, state, guard, run, started) -> dict:
     """The best adapter, chosen on validation, is saved first (a bad test image cannot cost the training), then the
     validation and test sets are scored once and the outputs written."""
     restore_trainable(model, state.best_weights)  # the best adapter on validation (none: the last weights)
-    adapter_dir, out = save_adapter(accelerator, model, processor, cfg, answer_ids), Path(cfg.output_dir)
+    base_config, out = accelerator.unwrap_model(model).get_base_model().config, Path(cfg.output_dir)
+    detector = {"question": cfg.question, "yes_token": cfg.yes_token, "no_token": cfg.no_token,
+                "answer_ids": answer_ids, "resize": cfg.resize, "positive_label": cfg.positive_label,
+                "negative_label": cfg.negative_label, "base_model": cfg.model,
+                "base_identity": pretrained.base_identity(base_config)}  # what predict_llava.py needs
+    adapter_dir = save_adapter(accelerator, model, processor, out / "adapter", detector)
     final = {}
     for split in [split for split in ("val", "test") if split in loaders]:  # the same order on every process
         try:

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from common.errors import UserError, first_line, warn
-from common.run_log import follow_umask, replace_folder
+from common.run_log import follow_umask, replace_folder, writing
 
 LATEST = "LATEST"
 BEST = "BEST"
@@ -106,18 +106,21 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict,
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
+        warn_if_it_may_not_fit(root)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    torch.save({name: _state_of(obj) for name, obj in state.items()},
-               tmp / f"train_state_rank{accelerator.process_index}.pt")
-    accelerator.wait_for_everyone()
+    with writing(tmp, tmp=tmp):  # a failed write (a full disk) removes the half-written folder, then exits 74
+        accelerator.save_state(str(tmp))
+        torch.save({name: _state_of(obj) for name, obj in state.items()},
+                   tmp / f"train_state_rank{accelerator.process_index}.pt")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            meta = {"step": step, "num_processes": accelerator.num_processes}
+            if config is not None:
+                meta["config"] = dataclasses.asdict(config)
+            meta["files"] = _file_records(tmp)
+            (tmp / META).write_text(json.dumps(meta, indent=1))
+            replace_folder(tmp, final)
     if accelerator.is_main_process:
-        meta = {"step": step, "num_processes": accelerator.num_processes}
-        if config is not None:
-            meta["config"] = dataclasses.asdict(config)
-        meta["files"] = _file_records(tmp)
-        (tmp / META).write_text(json.dumps(meta, indent=1))
-        replace_folder(tmp, final)
         _write_text_atomic(root / LATEST, final.name)
         if best:
             _write_text_atomic(root / BEST, final.name)
@@ -130,6 +133,23 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict,
                 shutil.rmtree(folder, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def warn_if_it_may_not_fit(root: Path) -> None:
+    """Warn before a checkpoint is written when the filesystem has less room than the last one took."""
+    newest = _complete_checkpoints(root)[-1:]
+    if newest:
+        size = sum(p.stat().st_size for p in newest[0][1].rglob("*") if p.is_file())
+        free = shutil.disk_usage(root).free
+        if free < size:
+            warn(f"{root} has {free / 2**20:,.1f} MB free and the last checkpoint took {size / 2**20:,.1f} MB: the "
+                 f"next may not fit; make room before it fails")
+
+
+def newest_intact_checkpoint(output_dir: Path) -> Path | None:
+    """The newest checkpoint under output_dir/checkpoints whose files all match their checksums, or None."""
+    complete = _complete_checkpoints(Path(output_dir) / "checkpoints")
+    return next((folder for _, folder in reversed(complete) if checkpoint_problem(folder) is None), None)
 
 
 def find_latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -237,10 +257,11 @@ def load_checkpoint(accelerator, path: Path, state: dict, config=None) -> dict:
 def save_model_atomically(accelerator, model, output_dir: Path) -> None:
     """model.safetensors via a temporary folder and a rename: a kill while saving leaves no half-written file."""
     tmp = output_dir / ".model.tmp"
-    accelerator.save_model(model, tmp)  # gathers the weights on every process (FSDP); the main process writes
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        follow_umask(tmp / "model.safetensors")  # safetensors writes 0600: readable by its owner only
-        os.replace(tmp / "model.safetensors", output_dir / "model.safetensors")
-        shutil.rmtree(tmp, ignore_errors=True)
+    with writing(tmp / "model.safetensors", tmp=tmp):
+        accelerator.save_model(model, tmp)  # gathers the weights on every process (FSDP); the main process writes
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            follow_umask(tmp / "model.safetensors")  # safetensors writes 0600: readable by its owner only
+            os.replace(tmp / "model.safetensors", output_dir / "model.safetensors")
+            shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()

@@ -23,7 +23,7 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import gather_object
 from filelock import FileLock, Timeout
 
-from common.checkpoint import check_checkpoint_fits, resolve_resume
+from common.checkpoint import check_checkpoint_fits, newest_intact_checkpoint, resolve_resume
 from common.config import save_config
 from common.distributed import (
     check_one_view_of_output_dir,
@@ -39,6 +39,7 @@ RUN_MARKER = "config.yaml"  # a folder holding this file holds a run
 LOCK, HOLDER = ".lock", ".lock.holder"  # in a run folder: an OS file lock (a kill -9 releases it), and who holds it
 _held: list[FileLock] = []  # the run-folder locks this process holds
 _notes: list[Path] = []  # the holder notes this process wrote (a killed run's stale note is left as it is)
+_training: dict = {}  # the training run under way in this process: its script, for the line after a failed write
 
 
 def make_accelerator(mixed_precision: str | None, project_dir: str | None = None, gradient_accumulation_steps: int = 1,
@@ -65,6 +66,7 @@ def preflight(accelerator, cfg, run_dirs: list[Path]) -> list[Path | None]:
     write there, which checkpoint each of `run_dirs` (folders under --output_dir, one per model) resumes from, does
     it fit these settings, and does every process see the same folder. Returns those checkpoints (None: fresh)."""
     lock_run_dir(accelerator, Path(cfg.output_dir))  # first: a folder in use is refused as such, before other checks
+    _training["script"] = Path(sys.modules[type(cfg).__module__].__file__).name  # the script that defines Config
     output_dir = check_output_dir(cfg.output_dir, resuming=cfg.resume_from is not None, overwrite=cfg.overwrite)
     resume_paths = [resolve_resume(run_dir, cfg.resume_from) for run_dir in run_dirs]
     for run_dir, path in zip(run_dirs, resume_paths):
@@ -110,10 +112,27 @@ def _lock(folder: Path, flag: str) -> str | None:
 
 def release_run_dirs() -> None:
     """Let go of the run-folder locks this process holds (and the note of who holds them)."""
+    _training.clear()
     while _notes:
         _notes.pop().unlink(missing_ok=True)
     while _held:
         _held.pop().release()
+
+
+def after_failed_write(err: OSError) -> str | None:
+    """What to do after a failed write of the training run under way (common/errors.py's exit 74): the newest intact
+    checkpoint of the model being written, and the command that continues from it. None outside a training run."""
+    if not _training or not err.filename:
+        return None
+    path = Path(err.filename)
+    run_dir = next((p for p in path.parents if (p / RUN_MARKER).is_file()), None)
+    if run_dir is None:
+        return None
+    model_dir = next(p for p in path.parents if (p / "checkpoints").is_dir() or p == run_dir)  # the run, or its fold
+    newest = newest_intact_checkpoint(model_dir)
+    kept = f"the newest intact checkpoint is {newest}" if newest else "no checkpoint was saved yet"
+    return (f"{kept}; make room, then continue with python {_training['script']} --config {run_dir / RUN_MARKER} "
+            f"--resume_from latest (or your launch command with --resume_from latest)")
 
 
 def check_output_dir(output_dir: str | Path, resuming: bool, overwrite: bool) -> Path:

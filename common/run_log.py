@@ -1,14 +1,53 @@
 """Run logging, for both training scripts: metrics.jsonl and the trackers, the running loss between log lines,
 atomic JSON files and folders, memory readings."""
 
+import contextlib
+import errno
 import json
 import os
+import re
 import resource
 import shutil
 import sys
 from pathlib import Path
 
 import torch
+
+
+@contextlib.contextmanager
+def writing(path: Path, tmp: Path | None = None):
+    """Around a write into `path` that torch, safetensors or transformers make: a failure they report in their own
+    words (a full disk is a RuntimeError in torch's zip writer, a SafetensorError in Rust's) becomes the OSError it
+    is, naming `path`, so that it ends the run as a failed write (exit 74); `tmp`, a half-written folder, is removed."""
+    try:
+        yield
+    except BaseException as err:
+        code = err.errno if isinstance(err, OSError) else _errno_in(err, path) if isinstance(err, Exception) else None
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if code is None or isinstance(err, OSError) and err.filename:
+            raise
+        raise OSError(code, os.strerror(code), str(path)) from err
+
+
+# How torch's zip writer and Rust's std::io say that a write failed (they carry no errno of their own).
+WRITE_FAILED = re.compile(r"iostream error|unexpected pos|file write failed|failed writing|write_all|Os \{")
+
+
+def _errno_in(err: Exception, path: Path) -> int | None:
+    """The errno that `err` (or an exception it arose from) carries in its words (Rust: "os error 28"); for a failed
+    write without one, ENOSPC if the filesystem is full now, else EIO. None if nothing says a write failed."""
+    words, cause = [], err
+    while cause is not None:
+        words.append(str(cause))
+        cause = cause.__cause__ or cause.__context__
+    text = " ".join(words)
+    if match := re.search(r"os error (\d+)|code: (\d+)", text):
+        return int(match.group(1) or match.group(2))
+    if not WRITE_FAILED.search(text):
+        return None
+    existing = next(p for p in [path, *path.absolute().parents] if p.exists())
+    return errno.ENOSPC if shutil.disk_usage(existing).free < 2**20 else errno.EIO
 
 
 def umask_mode() -> int:

@@ -1,12 +1,12 @@
 """The trainable weights of a model with a frozen base (LoRA on a 7B vision-language model), for train_llava.py:
-checkpoint only them, gather them (from FSDP2 shards) to save the adapter, copy them aside and back, and merge a
-saved adapter into its base."""
+checkpoint only them, gather them (from FSDP2 shards) and save them as an adapter, copy them aside and back, and
+merge a saved adapter into its base."""
 
 from pathlib import Path
 
 import torch
 
-from common.run_log import replace_folder
+from common.run_log import replace_folder, write_json, writing
 
 
 def gather_trainable(accelerator, model) -> dict:
@@ -56,12 +56,29 @@ def checkpoint_trainable_only(model) -> None:
     model.register_load_state_dict_post_hook(frozen_weights_are_not_missing)
 
 
+def save_adapter(accelerator, model, processor, adapter_dir: Path, notes: dict) -> Path:
+    """The LoRA adapter (save_pretrained: PeftModel.from_pretrained loads it), the processor and `notes` as
+    detector.json beside it, written to a temporary folder and renamed. Every process calls it (FSDP gathers the
+    shards); the main process writes."""
+    tmp = adapter_dir.with_name(f".{adapter_dir.name}.tmp")
+    state_dict = gather_trainable(accelerator, model)  # a collective call under FSDP: every process
+    if accelerator.is_main_process:
+        with writing(tmp, tmp=tmp):
+            accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
+            processor.save_pretrained(tmp)
+            write_json(tmp / "detector.json", notes)
+            replace_folder(tmp, adapter_dir)
+    accelerator.wait_for_everyone()
+    return adapter_dir
+
+
 def save_merged(base, adapter_dir: Path, processor, output_dir: Path) -> None:
     """`base` + the adapter saved in `adapter_dir`, merged into full weights, saved with `processor` in `output_dir`
     (through a temporary folder). Reloads the adapter as a user would, in one process, whatever the training setup."""
     from peft import PeftModel
 
     tmp = output_dir.with_name(f".{output_dir.name}.tmp")
-    PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    replace_folder(tmp, output_dir)
+    with writing(tmp, tmp=tmp):
+        PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        replace_folder(tmp, output_dir)

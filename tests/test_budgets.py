@@ -65,3 +65,23 @@ def test_config_help_strings_are_short(script):
 
     for f in dataclasses.fields(module.Config):
         assert len(f.metadata.get("help", "")) <= 100, f"{script} --{f.name}: {len(f.metadata['help'])} characters"
+
+
+def test_the_docs_stay_few_pages_a_user_reads():
+    pages = sorted((REPO / "docs").glob("*.md"))
+    assert len(pages) <= 5, [p.name for p in pages]
+    assert sum(len(p.read_text()) for p in pages) <= 45_000
+    assert len((REPO / "README.md").read_text()) <= 10_500
+
+
+def test_only_common_plots_imports_matplotlib_and_every_common_module_says_who_uses_it():
+    for path in REPO.glob("**/*.py"):
+        if ".git" not in path.parts and path != REPO / "common" / "plots.py":
+            tree = ast.parse(path.read_text())
+            imported = [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+            imported += [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+            assert not [name for name in imported if name.startswith("matplotlib")], path
+    for path in (REPO / "common").glob("*.py"):
+        if path.name != "__init__.py":
+            doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+            assert any(who in doc for who in ("train_dual_task.py", "train_llava.py", "both", "every script")), path
