@@ -34,10 +34,11 @@ from tqdm.auto import tqdm
 
 from common import pretrained
 from common.checkpoint import load_checkpoint, save_checkpoint
-from common.classification import check_metric_defined, classification_metrics, summary
+from common.classification import benchmark_table, check_metric_defined, classification_metrics, summary
 from common.config import check_domains, parse_config, setting
 from common.distributed import fit_fsdp_wrapping
 from common.domains import ABOVE_ZERO, BELOW_ONE, FRACTION, IDENTIFIER, NON_EMPTY, TRACKER, above, at_least, between
+from common.duplicates import check_overlap
 from common.ema import EMA
 from common.errors import NonFiniteTrainingError, UserError, exit_on_user_error, warn
 from common.guard import NonFiniteGuard
@@ -85,6 +86,7 @@ class Config:  # every field is a --flag and a YAML key; what each means in dept
     make_synthetic_data: bool = setting(False, "if --train_data is missing, write synthetic screenshots there (demo)")
     resize: str = setting("pad", "how pictures meet a fixed input shape", choices=["pad", "crop", "stretch"], **KEEP)
     skip_bad_images: bool = setting(False, "skip and count unreadable images and bad labels instead of stopping")
+    allow_overlap: bool = setting(False, "go on when an image is in two of train/val/test (counted in results.json)")
     num_workers: int = setting(2, "DataLoader worker processes that decode images", between(0, 256))
     num_threads: int = setting(0, "PyTorch CPU threads per process (0: PyTorch's default)", between(0, 1024))
     # loss
@@ -152,6 +154,7 @@ class Sample:
     path: Path
     label: int  # 1 = --positive_label (e.g. a prompt injection), 0 = --negative_label, -1 = unknown (predict)
     subset: str
+    pixel_hash: str | None = None  # from a manifest of tools/split_images.py: the leak check compares pixels too
 
 
 def class_words(classes: tuple[str, str]) -> tuple[str, str]:
@@ -182,7 +185,7 @@ def read_manifest(path: Path, skip_bad: bool, need_labels: bool, classes: tuple[
             elif not image.is_file():
                 problem = f"names image {image}, which does not exist"
             else:
-                samples.append(Sample(image, int(label), str(record.get("subset", ""))))
+                samples.append(Sample(image, int(label), str(record.get("subset", "")), record.get("pixel_hash")))
                 continue
         if not skip_bad:
             raise UserError(f"{path} line {number} {problem}; fix the line or pass --skip_bad_images")
@@ -508,9 +511,8 @@ def evaluate(model, loader, accelerator, answer_ids, cfg: Config, skipped: set) 
         raise NonFiniteTrainingError("the model's answers are not finite (the LoRA weights diverged); lower --lr, "
                                      "then resume from a checkpoint before the divergence or start again")
     keep = scored["valid"] > 0  # placeholders of unreadable images do not count
-    subsets = [samples_of(loader)[i].subset for i in scored["index"][keep]]
-    metrics = classification_metrics(scored["p_yes"][keep], scored["label"][keep], subsets, cfg.target_fpr, cfg.classes)
-    return metrics | {"scored": scored}
+    kept = scored["p_yes"][keep], scored["label"][keep], [samples_of(loader)[i].subset for i in scored["index"][keep]]
+    return classification_metrics(*kept, cfg.target_fpr, cfg.classes) | {"scored": scored, "kept": kept}
 
 
 def write_predictions(path: Path, samples: list[Sample], scored: dict) -> None:
@@ -529,7 +531,7 @@ def write_predictions(path: Path, samples: list[Sample], scored: dict) -> None:
 # ----------------------------------------------------------------------------------------------
 
 RUN_OUTPUTS = ["config.yaml", "results.json", "metrics.jsonl", "val_predictions.jsonl", "roc_curve.png", "adapter",
-               "merged", "checkpoints", "llava_injection"]  # what a run writes ("llava_injection": tensorboard)
+               "merged", "checkpoints", "test_per_subset.csv", "llava_injection"]  # "llava_injection": tensorboard
 
 
 def check_model(cfg: Config):
@@ -543,7 +545,7 @@ def check_model(cfg: Config):
     return processor, answer_ids, build_prompt(processor, cfg.question)
 
 
-def save_and_score(cfg, accelerator, model, processor, loaders, answer_ids, state, guard, run, started) -> dict:
+def save_and_score(cfg, accelerator, model, processor, loaders, answer_ids, state, guard, run, started, overlap):
     """The best adapter, chosen on validation, is saved first (a bad test image cannot cost the training), then the
     validation and test sets are scored once and the outputs written."""
     restore_trainable(model, state.best_weights)  # the best adapter on validation (none: the last weights)
@@ -561,8 +563,10 @@ def save_and_score(cfg, accelerator, model, processor, loaders, answer_ids, stat
             raise UserError(f"{err} (the trained adapter is saved in {adapter_dir}; once fixed, --resume_from latest "
                             f"scores the {split} set without training again)") from None
     skipped = set().union(*gather_object([sorted(run.skipped)]))  # unreadable files seen by any process
-    results = {f"{split}_{k}": v for split, m in final.items() for k, v in m.items() if k not in ("roc", "scored")}
+    results = {f"{split}_{k}": v for split, m in final.items() for k, v in m.items() if k not in ("roc", "scored",
+                                                                                                   "kept")}
     results |= {"best_step": state.best_step, "best_metric": cfg.best_metric, "skipped_bad_images": len(skipped),
+                "images_in_two_splits": overlap[0], "copies_within_a_split": overlap[1],
                 **run_facts(accelerator, state, guard, cfg.seed, started), **pretrained.weight_dtypes(model)}
     if accelerator.is_main_process:
         write_predictions(out / "val_predictions.jsonl", samples_of(loaders["val"]), final["val"]["scored"])
@@ -571,6 +575,9 @@ def save_and_score(cfg, accelerator, model, processor, loaders, answer_ids, stat
         if cfg.merge:  # output_dir/merged: base + adapter as full weights
             base = load_base(cfg.model, processor, pretrained.base_dtype(cfg.model_dtype))
             save_merged(base, adapter_dir, pretrained.load_processor(str(adapter_dir)), out / "merged")
+        if "test" in final:  # WAInjectBench's view: per subset, at 0.5 and at the validation threshold for the FPR
+            print(benchmark_table(out / "test_per_subset.csv", final["val"]["kept"], final["test"]["kept"],
+                                  cfg.target_fpr, cfg.classes))
         print(" | ".join(f"{split} {summary(m)}" for split, m in final.items()) +
               f" | {results['wall_seconds']:.0f} s | adapter in {adapter_dir}")
     return results
@@ -595,6 +602,7 @@ def main(argv=None):
             data[split], bad = load_samples(spec, cfg.skip_bad_images, classes=cfg.classes)
             skipped += bad
     check_metric_defined({s.label for s in data["val"]}, cfg.best_metric, class_words(cfg.classes), "--val_data")
+    overlap = check_overlap(data, cfg.allow_overlap)  # the same image (bytes or pixels) in two splits: refused
     accelerator.print(", ".join(f"{len(s)} {split} images ({sum(x.label == 0 for x in s)} {cfg.negative_label}, "
                                 f"{sum(x.label == 1 for x in s)} {cfg.positive_label})" for split, s in data.items()))
     processor, answer_ids, prompt = check_model(cfg)
@@ -628,7 +636,8 @@ def main(argv=None):
         exit_preempted(accelerator, state.step)
     if not state.best_weights and ema:
         ema.copy_to()  # no validation ran (e.g. a tiny --max_steps): use the current EMA weights
-    results = save_and_score(cfg, accelerator, model, processor, loaders, answer_ids, state, guard, run, started)
+    results = save_and_score(cfg, accelerator, model, processor, loaders, answer_ids, state, guard, run, started,
+                             overlap)
     finish(accelerator, run.preemption)
     return results
 

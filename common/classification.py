@@ -1,6 +1,10 @@
 """Binary classification metrics from scores (train_llava.py, on P(Yes)): threshold metrics, ROC and AUROC, and
-WAInjectBench's per-subset view (TPR of each positive subset, FPR of each negative one); and the check that a
-validation set can define the metric that picks the best checkpoint."""
+WAInjectBench's per-subset view (TPR of each positive subset, FPR of each negative one, at 0.5 and at the threshold
+chosen on validation for a target FPR); and the check that a validation set can define the metric that picks the
+best checkpoint."""
+
+import csv
+from pathlib import Path
 
 import numpy as np
 
@@ -67,3 +71,51 @@ def check_metric_defined(labels: set[int], metric: str, class_words: tuple[str, 
         kind = class_words[min(missing)].replace(" ", "-")  # an adjective: "prompt-injection images"
         raise UserError(f"the validation set has no {kind} images, so its {metric} is undefined and could never "
                         f"choose the best adapter; add some to {flag}, or pass --best_metric accuracy")
+
+
+def threshold_at_fpr(scores: np.ndarray, labels: np.ndarray, target_fpr: float) -> float | None:
+    """The lowest threshold (a score at or above it is flagged) whose false-positive rate on these labelled scores is
+    at most `target_fpr`: chosen on validation, then applied to the test set. None without negatives."""
+    negatives = np.sort(scores[labels == 0])[::-1]
+    if not len(negatives):
+        return None
+    allowed = int(np.floor(target_fpr * len(negatives) + 1e-9))  # negatives that may be flagged
+    return 0.0 if allowed >= len(negatives) else float(np.nextafter(negatives[allowed], np.inf))
+
+
+def benchmark_table(path: Path, val: tuple, test: tuple, target_fpr: float, classes: tuple[str, str]) -> str:
+    """WAInjectBench's view of the test set, written to `path` (CSV) and returned as console text: per subset and
+    class its count and flag rate (TPR of the positive class, FPR of the negative one) at 0.5 and at the threshold
+    that gives `target_fpr` on validation; then the overall AUROC, F1 and TPR at that threshold. `val` and `test`:
+    (scores, labels, subsets) of the readable images."""
+    threshold = threshold_at_fpr(val[0], val[1], target_fpr)
+    scores, labels, subsets = test[0], test[1], np.array(test[2], dtype=object)
+    at_t = f"at_val_fpr_{target_fpr:g}"  # the column of the threshold chosen on validation
+
+    def rate(rows, t):
+        return None if t is None else float((scores[rows] >= t).mean())
+
+    table, order = [], [(label, subset) for label in (1, 0) for subset in sorted(set(test[2]))]
+    for label, subset in order + [(1, None), (0, None)]:  # positive subsets, negative ones, then all (None)
+        rows = (labels == label) & (subsets == subset if subset is not None else True)
+        if rows.any():
+            table.append({"subset": "all" if subset is None else subset or "-", "class": classes[label],
+                          "images": int(rows.sum()), "rate": "TPR" if label else "FPR",
+                          "at_0.5": rate(rows, 0.5), at_t: rate(rows, threshold)})
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
+
+    def show(value):
+        return "n/a" if value is None else f"{value:.3f}"
+
+    metrics = classification_metrics(scores, labels, list(test[2]), target_fpr, classes)
+    t = "n/a" if threshold is None else f"{threshold:.4f}"
+    lines = [f"| subset | class | images | rate | at 0.5 | at {t} (val FPR {target_fpr:g}) |", "|" + "---|" * 6]
+    lines += [f"| {r['subset']} | {r['class']} | {r['images']} | {r['rate']} | {show(r['at_0.5'])} | "
+              f"{show(r[at_t])} |" for r in table]
+    flagged = next((r[at_t] for r in table if r["subset"] == "all" and r["rate"] == "TPR"), None)
+    lines.append(f"test AUROC {show(metrics['auroc'])} | F1 {show(metrics['f1'])} at 0.5 | TPR {show(flagged)} at "
+                 f"the threshold chosen on validation for FPR {target_fpr:g} | per subset in {path}")
+    return "\n".join(lines)

@@ -418,7 +418,7 @@ def test_sigterm_during_the_final_evaluation_finishes_it_and_exits_0(script, sma
                                                                     monkeypatch):
     module = train_dual_task if script == "dual_task" else train_llava
     args = dual_args(small_cmapss, tmp_path / "plain", "--epochs", 1) if script == "dual_task" else \
-        llava_args(llava_inputs, tmp_path / "plain", "--test_data", llava_inputs[1] / "val.jsonl")
+        llava_args(llava_inputs, tmp_path / "plain", "--test_data", llava_inputs[1] / "test.jsonl")
     plain = run(module, *args)
     assert plain.code == 0, plain.stderr[-3000:]
     real_evaluate, calls = module.evaluate, {"n": 0}
@@ -459,7 +459,7 @@ def test_a_kill_during_the_final_phase_resumes_to_the_same_end(script, small_cma
     """SIGKILL while scoring the test set: --resume_from latest skips the finished training and ends identically."""
     module, call = ("train_dual_task", 2) if script == "dual_task" else ("train_llava", 3)
     args = dual_args(small_cmapss, tmp_path / "plain", "--epochs", 1) if script == "dual_task" else \
-        llava_args(llava_inputs, tmp_path / "plain", "--test_data", llava_inputs[1] / "val.jsonl")
+        llava_args(llava_inputs, tmp_path / "plain", "--test_data", llava_inputs[1] / "test.jsonl")
     assert run(sys.modules[module], *args).code == 0
     killer = tmp_path / "killer.py"
     killer.write_text(KILL_IN_FINAL_PHASE.format(repo=str(REPO), module=module, call=call))
@@ -484,7 +484,7 @@ def llava_inputs(tmp_path_factory):
     from tools.make_tiny_llava import build_tiny_llava
 
     root = tmp_path_factory.mktemp("llava_inputs")
-    return build_tiny_llava(root / "model"), make_dataset(root / "data", {"train": 16, "val": 8}, seed=1)
+    return build_tiny_llava(root / "model"), make_dataset(root / "data", {"train": 16, "val": 8, "test": 8}, seed=1)
 
 
 def llava_args(inputs, output_dir, *extra):

@@ -35,9 +35,9 @@ def test_every_relative_link_resolves(page):
             assert anchor in anchors(linked), f"{page.name} links to {target}: no such heading in {linked.name}"
 
 
-# Quickstart lines that need what CI does not have: a GPU, a model hub, several machines (tests/test_distributed.py
-# runs two nodes on one machine).
-NEEDS_MORE_THAN_A_CPU = ("single_gpu.yaml", "llava-hf/", "multi_node.yaml")
+# Quickstart lines that need what CI does not have: a GPU, a model hub or the network (WAInjectBench's data), several
+# machines (tests/test_distributed.py runs two nodes on one machine).
+NEEDS_MORE_THAN_A_CPU = ("single_gpu.yaml", "llava-hf/", "multi_node.yaml", "WAInjectBench.git", "wainject/")
 
 
 def quickstart_commands() -> list[str]:

@@ -809,9 +809,10 @@ def test_every_file_a_run_and_its_prediction_write_follows_the_umask(tiny_model,
     umask's mode, as every other output does, so a teammate who can read results.json can load the adapter too."""
     train = write_manifest(tmp_path / "train.jsonl", records_of(screenshots, "train", 8))
     val = write_manifest(tmp_path / "val.jsonl", records_of(screenshots, "val", 8))
+    test = write_manifest(tmp_path / "test.jsonl", records_of(screenshots, "test", 8))
     out, previous = tmp_path / "run", os.umask(0o002)  # group-writable: unlike both 0600 and the usual 0644
     try:
-        run_main(*demo_args(tiny_model, screenshots, out, "--train_data", train, "--val_data", val, "--test_data", val,
+        run_main(*demo_args(tiny_model, screenshots, out, "--train_data", train, "--val_data", val, "--test_data", test,
                             "--epochs", 1, "--merge", "true"))
         run_main("--run_dir", out, "--data", val, "--num_workers", 0, script=predict_llava)
     finally:

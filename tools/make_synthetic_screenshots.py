@@ -1,8 +1,9 @@
 """Synthetic web-page screenshots, benign or carrying a prompt injection, for tests and the CPU demo.
 
     python tools/make_synthetic_screenshots.py --output_dir runs/synthetic_screenshots
+    python tools/make_synthetic_screenshots.py --output_dir runs/wainject_standin/image --benchmark 12
 
-Writes `{train,val,test}/{benign,malicious}/<subset>/<id>.<ext>` (WAInjectBench's folder layout) and
+Writes `{train,val,test}/{benign,malicious}/<subset>/<id>.<ext>` (WAInjectBench's class folders) and
 `train.jsonl`, `val.jsonl`, `test.jsonl` beside them, one `{"path", "label", "subset"}` per line with
 paths relative to the manifest. Benign pages ("article", "shop") have a header, text and pictures in
 muted colours; malicious ones add an injected element with a loud look and instruction text: a
@@ -142,6 +143,42 @@ def make_dataset(output_dir: str | Path, sizes: dict[str, int] | None = None, se
     return root
 
 
+# WAInjectBench's image/ folder: its subsets by class (2,962 images there; a few here).
+BENCHMARK_SUBSETS = {"benign": ["screenshot", "embedded_img"],
+                     "malicious": ["WebInject", "EIA", "VWA_adv_embedded_img", "VWA_adv_screenshot", "popup", "VPI",
+                                   "wasp"]}
+
+
+def make_benchmark_folder(output_dir: str | Path, per_subset: int = 8, copies: int = 6, seed: int = 0) -> Path:
+    """A stand-in for WAInjectBench's image/ folder: {benign,malicious}/<subset>/<id>.png with its 2 benign and 7
+    malicious subset names, `per_subset` pictures each (embedded images smaller, without the page around them), and
+    `copies` duplicates as scraped data has them: byte-for-byte copies and the same pixels saved again (other PNG
+    settings, other bytes), in the same subset or another of the same class. Returns the folder."""
+    root = Path(output_dir)
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise FileExistsError(f"{root} is not an empty folder; synthetic data is written only into a new or empty one")
+    rng, written = random.Random(seed), []
+    for label, (kind, subsets) in enumerate(BENCHMARK_SUBSETS.items()):
+        for subset in subsets:
+            (root / kind / subset).mkdir(parents=True)
+            for i in range(per_subset):
+                img, _ = make_screenshot(rng, label)
+                if "embedded" in subset:  # a picture from inside a page, not the whole page
+                    img = img.crop((0, 0, img.width // 2, img.height // 2))
+                path = root / kind / subset / f"{subset}_{i:04d}.png"
+                img.save(path, compress_level=1)
+                written.append((kind, path))
+    for n in range(copies):
+        kind, original = rng.choice(written)
+        target = rng.choice([original.parent, *[root / kind / s for s in BENCHMARK_SUBSETS[kind]]])
+        copy = target / f"copy{n}_{original.name}"
+        if n % 2:  # the same pixels, saved again: other bytes
+            Image.open(original).save(copy, compress_level=9)
+        else:
+            copy.write_bytes(original.read_bytes())
+    return root
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output_dir", default="runs/synthetic_screenshots",
@@ -150,9 +187,13 @@ if __name__ == "__main__":
     parser.add_argument("--val", type=int, default=100, help="validation images")
     parser.add_argument("--test", type=int, default=100, help="test images")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--benchmark", type=int, default=0, metavar="N",
+                        help="instead: WAInjectBench's image/ layout, N pictures per subset (no manifests)")
     args = parser.parse_args()
     try:
-        out = make_dataset(args.output_dir, {"train": args.train, "val": args.val, "test": args.test}, args.seed)
+        out = make_benchmark_folder(args.output_dir, args.benchmark, seed=args.seed) if args.benchmark else \
+            make_dataset(args.output_dir, {"train": args.train, "val": args.val, "test": args.test}, args.seed)
     except FileExistsError as err:
         sys.exit(print(f"error: {err}; pick a new --output_dir", file=sys.stderr) or 2)
-    print(f"synthetic screenshots and train/val/test manifests written to {out}")
+    print(f"synthetic screenshots {'in the benchmark layout' if args.benchmark else 'and train/val/test manifests'} "
+          f"written to {out}")
