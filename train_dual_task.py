@@ -58,7 +58,7 @@ class Config:  # every field is a --flag and a YAML key; what each means in dept
     window: int = setting(30, "cycles per input window", at_least(1), **KEEP)
     rul_cap: int = setting(125, "piecewise-linear RUL cap (labels and the true test RUL)", between(1, 1e5), **KEEP)
     val_fraction: float = setting(0.2, "share of training units held out for validation", OPEN_FRACTION, **KEEP)
-    folds: int = setting(1, "K models on unit-disjoint validation folds, their tests averaged", between(1, 99), **KEEP)
+    folds: int = setting(1, "K models on unit-disjoint validation folds, tests averaged", between(1, 100), **KEEP)
     val_metric: str = setting("windows", "validation RMSE that picks: every window, or units cut like test units",
                               choices=["windows", "cut"], **KEEP)
     val_cuts: int = setting(10, "cut points per validation unit for --val_metric cut", between(1, 1000), **KEEP)
@@ -132,6 +132,7 @@ class Config:  # every field is a --flag and a YAML key; what each means in dept
 #   fit_preprocessing    statistics from the training units only; saved beside the model (preprocessing.json)
 #   apply_preprocessing  normalise per operating condition, smooth, add the cycle number
 #   windows_per_unit     sliding windows to train on; the last window of each unit to test and predict
+#                        (common/windows.py, with the causal smoothing and the validation units cut like test units)
 # ----------------------------------------------------------------------------------------------
 
 def read_runs(cfg: Config, predict_file: str | None = None) -> dict[str, Runs]:
