@@ -510,8 +510,8 @@ def evaluate(model, loader, accelerator, answer_ids, cfg: Config, skipped: set) 
     if not np.isfinite(scored["p_yes"]).all():  # weights that overflowed: no result is better than a meaningless one
         raise NonFiniteTrainingError("the model's answers are not finite (the LoRA weights diverged); lower --lr, "
                                      "then resume from a checkpoint before the divergence or start again")
-    keep = scored["valid"] > 0  # placeholders of unreadable images do not count
-    kept = scored["p_yes"][keep], scored["label"][keep], [samples_of(loader)[i].subset for i in scored["index"][keep]]
+    keep, samples = scored["valid"] > 0, samples_of(loader)  # placeholders of unreadable images do not count
+    kept = scored["p_yes"][keep], scored["label"][keep], [samples[i].subset for i in scored["index"][keep]]
     return classification_metrics(*kept, cfg.target_fpr, cfg.classes) | {"scored": scored, "kept": kept}
 
 
@@ -576,8 +576,8 @@ def save_and_score(cfg, accelerator, model, processor, loaders, answer_ids, stat
             base = load_base(cfg.model, processor, pretrained.base_dtype(cfg.model_dtype))
             save_merged(base, adapter_dir, pretrained.load_processor(str(adapter_dir)), out / "merged")
         if "test" in final:  # WAInjectBench's view: per subset, at 0.5 and at the validation threshold for the FPR
-            print(benchmark_table(out / "test_per_subset.csv", final["val"]["kept"], final["test"]["kept"],
-                                  cfg.target_fpr, cfg.classes))
+            print(benchmark_table(out / "test_per_subset.csv", final["val"], final["test"], cfg.target_fpr,
+                                  cfg.classes))
         print(" | ".join(f"{split} {summary(m)}" for split, m in final.items()) +
               f" | {results['wall_seconds']:.0f} s | adapter in {adapter_dir}")
     return results

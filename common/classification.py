@@ -83,19 +83,20 @@ def threshold_at_fpr(scores: np.ndarray, labels: np.ndarray, target_fpr: float) 
     return 0.0 if allowed >= len(negatives) else float(np.nextafter(negatives[allowed], np.inf))
 
 
-def benchmark_table(path: Path, val: tuple, test: tuple, target_fpr: float, classes: tuple[str, str]) -> str:
+def benchmark_table(path: Path, val: dict, test: dict, target_fpr: float, classes: tuple[str, str]) -> str:
     """WAInjectBench's view of the test set, written to `path` (CSV) and returned as console text: per subset and
     class its count and flag rate (TPR of the positive class, FPR of the negative one) at 0.5 and at the threshold
     that gives `target_fpr` on validation; then the overall AUROC, F1 and TPR at that threshold. `val` and `test`:
-    (scores, labels, subsets) of the readable images."""
-    threshold = threshold_at_fpr(val[0], val[1], target_fpr)
-    scores, labels, subsets = test[0], test[1], np.array(test[2], dtype=object)
+    their `classification_metrics` with "kept", the (scores, labels, subsets) of the readable images."""
+    threshold = threshold_at_fpr(*val["kept"][:2], target_fpr)
+    scores, labels, names = test["kept"]
+    subsets = np.array(names, dtype=object)
     at_t = f"at_val_fpr_{target_fpr:g}"  # the column of the threshold chosen on validation
 
     def rate(rows, t):
         return None if t is None else float((scores[rows] >= t).mean())
 
-    table, order = [], [(label, subset) for label in (1, 0) for subset in sorted(set(test[2]))]
+    table, order = [], [(label, subset) for label in (1, 0) for subset in sorted(set(names))]
     for label, subset in order + [(1, None), (0, None)]:  # positive subsets, negative ones, then all (None)
         rows = (labels == label) & (subsets == subset if subset is not None else True)
         if rows.any():
@@ -110,12 +111,11 @@ def benchmark_table(path: Path, val: tuple, test: tuple, target_fpr: float, clas
     def show(value):
         return "n/a" if value is None else f"{value:.3f}"
 
-    metrics = classification_metrics(scores, labels, list(test[2]), target_fpr, classes)
     t = "n/a" if threshold is None else f"{threshold:.4f}"
     lines = [f"| subset | class | images | rate | at 0.5 | at {t} (val FPR {target_fpr:g}) |", "|" + "---|" * 6]
     lines += [f"| {r['subset']} | {r['class']} | {r['images']} | {r['rate']} | {show(r['at_0.5'])} | "
               f"{show(r[at_t])} |" for r in table]
     flagged = next((r[at_t] for r in table if r["subset"] == "all" and r["rate"] == "TPR"), None)
-    lines.append(f"test AUROC {show(metrics['auroc'])} | F1 {show(metrics['f1'])} at 0.5 | TPR {show(flagged)} at "
+    lines.append(f"test AUROC {show(test['auroc'])} | F1 {show(test['f1'])} at 0.5 | TPR {show(flagged)} at "
                  f"the threshold chosen on validation for FPR {target_fpr:g} | per subset in {path}")
     return "\n".join(lines)

@@ -14,16 +14,13 @@ from pathlib import Path
 
 import pytest
 from accelerate import PartialState
+from test_bad_input import snapshot  # every file under a folder with its bytes
 
 from common.errors import UserError
 from common.launch import HOLDER, LOCK, lock_run_dir, release_run_dirs
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--conv_channels", "8", "--hidden_size", "8", "--gru_layers", "1", "--batch_size", "64", "--log_every", "1"]
-
-
-def snapshot(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def hold(folder: Path) -> subprocess.Popen:

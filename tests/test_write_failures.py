@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
+from test_bad_input import run  # script.main in this process, through exit_on_user_error: code, stdout, stderr
 
 import train_dual_task
 import train_llava
-from common.errors import EXIT_IO_ERROR, exit_on_user_error
+from common.errors import EXIT_IO_ERROR
 from common.run_log import writing
 
 SMALL = ["--conv_channels", "8", "--hidden_size", "8", "--gru_layers", "1", "--batch_size", "64", "--log_every", "1",
@@ -65,32 +65,13 @@ class FullDisk:
         self.patches.close()
 
 
-def run(script, *args) -> tuple[int, str]:
-    """script.main in this process, through the same exit_on_user_error as the command line: (exit code, stderr)."""
-    err = io.StringIO()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    try:
-        with contextlib.redirect_stderr(err):
-            exit_on_user_error(lambda: script.main([str(a) for a in args]))
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-        torch.set_num_threads(threads)
-    return code, err.getvalue()
-
-
 def assert_failed_write_then_resume_ends_like(script, args, out: Path, nth: int, expected: dict, weights: str):
     with FullDisk(out, nth) as disk:
-        code, stderr = run(script, *args, "--output_dir", out)
+        outcome = run(script, *args, "--output_dir", out)
     assert disk.count >= nth, f"the run wrote only {disk.count} files"
-    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert code == EXIT_IO_ERROR and len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    errors = outcome.error_lines
+    assert outcome.code == EXIT_IO_ERROR and len(errors) == 1 and "Traceback" not in outcome.stderr, \
+        outcome.stderr[-3000:]
     match = re.fullmatch(rf"error: cannot write (\S+) \(No space left on device\); (?:the newest intact checkpoint is "
                          rf"(\S+)|no checkpoint was saved yet); make room, then continue with python {script.__name__}"
                          rf"\.py --config {re.escape(str(out))}/config.yaml --resume_from latest \(or your launch "
@@ -100,8 +81,8 @@ def assert_failed_write_then_resume_ends_like(script, args, out: Path, nth: int,
     assert not list(out.rglob(".tmp*")) and not list(out.rglob(".*.tmp")), "a half-written folder was left"
     if match[2]:  # the checkpoint named is whole: it is what --resume_from latest takes
         assert (Path(match[2]) / "meta.json").is_file()
-    code, stderr = run(script, *args, "--output_dir", out, "--resume_from", "latest")
-    assert code == 0, stderr[-3000:]
+    outcome = run(script, *args, "--output_dir", out, "--resume_from", "latest")
+    assert outcome.code == 0, outcome.stderr[-3000:]
     resumed = load_file(out / weights)
     assert resumed.keys() == expected.keys() and all(torch.equal(resumed[k], expected[k]) for k in expected)
 
@@ -110,8 +91,8 @@ def assert_failed_write_then_resume_ends_like(script, args, out: Path, nth: int,
 def dual_uninterrupted(small_cmapss, tmp_path_factory):
     out = tmp_path_factory.mktemp("dual") / "run"
     with FullDisk(out, 10**9) as disk:
-        code, stderr = run(train_dual_task, "--data", f"{small_cmapss}/FD001", *SMALL, "--output_dir", out)
-    assert code == 0, stderr[-3000:]
+        outcome = run(train_dual_task, "--data", f"{small_cmapss}/FD001", *SMALL, "--output_dir", out)
+    assert outcome.code == 0, outcome.stderr[-3000:]
     return load_file(out / "model.safetensors"), disk.count
 
 
@@ -144,8 +125,8 @@ def llava_args(llava_inputs):
 def llava_uninterrupted(llava_inputs, tmp_path_factory):
     out = tmp_path_factory.mktemp("llava") / "run"
     with FullDisk(out, 10**9) as disk:
-        code, stderr = run(train_llava, *llava_args(llava_inputs), "--output_dir", out)
-    assert code == 0, stderr[-3000:]
+        outcome = run(train_llava, *llava_args(llava_inputs), "--output_dir", out)
+    assert outcome.code == 0, outcome.stderr[-3000:]
     return load_file(out / "adapter" / "adapter_model.safetensors"), disk.count
 
 
@@ -188,8 +169,8 @@ def test_torch_s_zip_writer_failing_is_a_full_disk_or_an_io_error(tmp_path, monk
 def test_a_checkpoint_that_may_not_fit_is_warned_about_before_it_is_written(small_cmapss, tmp_path, monkeypatch):
     real = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=1000))
-    code, stderr = run(train_dual_task, "--data", f"{small_cmapss}/FD001", *SMALL, "--max_steps", 9,
+    outcome = run(train_dual_task, "--data", f"{small_cmapss}/FD001", *SMALL, "--max_steps", 9,
                        "--output_dir", tmp_path / "run")
-    assert code == 0, stderr[-3000:]
+    assert outcome.code == 0, outcome.stderr[-3000:]
     assert re.search(r"warning: .*checkpoints has 0.0 MB free and the last checkpoint took [0-9.]+ MB: the next may "
-                     r"not fit; make room before it fails", stderr), stderr
+                     r"not fit; make room before it fails", outcome.stderr), outcome.stderr
