@@ -41,6 +41,7 @@ from common.preemption import Preemption
 from common.run_log import MetricsLog, RunningMean, peak_memory_mb, write_json
 from common.runs import Runs, check_inputs, check_runs, write_predictions
 from common.schedules import linear_warmup, milestone_factor, set_lr, set_weight_decay, warmup_cosine
+from common.trainable import gather_trainable, restore_trainable
 from common.windows import Split, cut_like_test, make_loader, smooth_per_unit, windows_per_unit
 
 INFORMATIVE_SENSORS = [2, 3, 4, 7, 8, 9, 11, 12, 13, 14, 15, 17, 20, 21]
@@ -357,9 +358,9 @@ class TrainState:
     plateau_best: float = math.inf  # ReduceLROnPlateau, written out: stateless except for these
     plateau_bad_epochs: int = 0
     plateau_factor: float = 1.0
-    train_samples: int = 0  # over finished epochs, this process: for the throughput in results.json
+    train_samples: int = 0  # over finished epochs, all processes: for the throughput in results.json
     train_seconds: float = 0.0
-    best_weights: dict = field(default_factory=dict)  # EMA weights at the best epoch
+    best_weights: dict = field(default_factory=dict)  # EMA weights at the best epoch, whole (not sharded)
 
 
 def lr_at(step: int, cfg: Config, state: TrainState, steps_per_epoch: int, total_steps: int, lr_scale: float) -> float:
@@ -423,7 +424,7 @@ def train(cfg, accelerator, model, optimizer, loaders, loss_fn, ema, guard, stat
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             state.batches_done += 1
-            samples += len(rul)
+            samples += len(rul) * accelerator.num_processes  # all processes'
             running.add(loss, *task_losses)
             if not accelerator.sync_gradients:
                 continue
@@ -441,8 +442,8 @@ def train(cfg, accelerator, model, optimizer, loaders, loss_fn, ema, guard, stat
             set_lr(optimizer, current_lr())
             preempted = run.preemption.should_stop(accelerator, at_sync_point=state.step % cfg.log_every == 0)
             done = preempted or state.step >= total_steps
-            stops_mid_epoch = done and state.batches_done < len(loaders["train"])  # no epoch-end checkpoint follows
-            if stops_mid_epoch or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0):
+            mid_epoch = state.batches_done < len(loaders["train"])  # at an epoch's end, its own checkpoint follows
+            if mid_epoch and (done or cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0):
                 save_checkpoint(accelerator, run.dir, state.step, checkpointed, cfg.keep_checkpoints, config=cfg)
             if done:
                 break
@@ -459,7 +460,7 @@ def train(cfg, accelerator, model, optimizer, loaders, loss_fn, ema, guard, stat
             selected = val[cfg.val_metric]["rmse"]  # --val_metric: the one score that picks, stops and schedules
             improved = selected < state.best_val_rmse
             if improved:
-                state.best_weights = {k: v.clone() for k, v in accelerator.unwrap_model(model).state_dict().items()}
+                state.best_weights = gather_trainable(accelerator, model)  # whole: restorable on any processes
         state.epoch, state.batches_done = state.epoch + 1, 0
         state.epochs_since_best = 0 if improved else state.epochs_since_best + 1
         if improved:
@@ -467,7 +468,7 @@ def train(cfg, accelerator, model, optimizer, loaders, loss_fn, ema, guard, stat
         if cfg.scheduler == "plateau" and state.step >= cfg.warmup_epochs * steps_per_epoch:
             step_plateau(state, selected, cfg)
             set_lr(optimizer, current_lr())
-        speed, lr = samples * accelerator.num_processes / seconds, optimizer.param_groups[0]["lr"]
+        speed, lr = samples / seconds, optimizer.param_groups[0]["lr"]
         memory = peak_memory_mb(accelerator.device)
         run.log.log({"epoch": state.epoch, "val/rmse": val["windows"]["rmse"], "val/rmse_cut": val["cut"]["rmse"],
                      "val/health_accuracy": val["windows"]["health_accuracy"], "train/samples_per_second": speed,
@@ -575,10 +576,9 @@ def fit_one(cfg, accelerator, fold: int, splits: dict, prep: dict, resume_paths:
         exit_preempted(accelerator, state.step)
 
     # The best EMA weights, chosen on validation, are evaluated on the test set once.
-    if state.best_weights:
-        accelerator.unwrap_model(model).load_state_dict(state.best_weights)
-    else:
+    if not state.best_weights:
         ema.copy_to()  # no epoch finished (e.g. a tiny --max_steps): use the current EMA weights
+    restore_trainable(accelerator, model, state.best_weights)  # the best on validation (none: nothing to restore)
     test = evaluate(model, loaders["test"], accelerator, cfg.rul_cap)
     save_model_atomically(accelerator, model, run_dir)  # -> run_dir/model.safetensors
     best = state.best_val_rmse if state.best_epoch >= 0 else None

@@ -48,7 +48,7 @@ from common.plots import plot_roc
 from common.preemption import Preemption
 from common.run_log import MetricsLog, RunningMean, peak_memory_mb, write_json
 from common.schedules import set_lr, warmup_cosine
-from common.trainable import checkpoint_trainable_only, copy_trainable, restore_trainable, save_adapter, save_merged
+from common.trainable import checkpoint_trainable_only, gather_trainable, restore_trainable, save_adapter, save_merged
 from tools.demo import prepare_demo_inputs
 
 LM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -387,7 +387,7 @@ class TrainState:
     batches_done: int = 0  # micro-batches consumed in the current epoch
     best_score: float = -math.inf
     best_step: int = -1
-    train_samples: int = 0  # over finished epochs, this process: for the throughput in results.json
+    train_samples: int = 0  # over finished epochs, all processes: for the throughput in results.json
     train_seconds: float = 0.0
     best_weights: dict = field(default_factory=dict)  # LoRA weights (EMA if on) at the best validation
 
@@ -432,7 +432,7 @@ def train(cfg, accelerator, model, optimizer, loaders, answer_ids, ema, guard, s
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             state.batches_done += 1
-            samples += len(batch["labels"])
+            samples += len(batch["labels"]) * accelerator.num_processes  # all processes'
             running.add(loss)
             if not accelerator.sync_gradients:
                 continue
@@ -450,8 +450,8 @@ def train(cfg, accelerator, model, optimizer, loaders, answer_ids, ema, guard, s
             set_lr(optimizer, current_lr())
             preempted = run.preemption.should_stop(accelerator, at_sync_point=state.step % cfg.log_every == 0)
             done = preempted or state.step >= total_steps
-            stops_mid_epoch = done and state.batches_done < len(loaders["train"])  # no epoch-end checkpoint follows
-            if stops_mid_epoch or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0):
+            mid_epoch = state.batches_done < len(loaders["train"])  # at an epoch's end, its own checkpoint follows
+            if mid_epoch and (done or cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0):
                 save_checkpoint(accelerator, run.dir, state.step, checkpointed, cfg.keep_checkpoints, config=cfg)
             if done:
                 break
@@ -468,11 +468,12 @@ def train(cfg, accelerator, model, optimizer, loaders, answer_ids, ema, guard, s
             score = val[cfg.best_metric]  # None: one class left once unreadable images were skipped
             improved = score is not None and score > state.best_score
             if improved:
-                state.best_score, state.best_step, state.best_weights = score, state.step, copy_trainable(model)
+                state.best_score, state.best_step = score, state.step
+                state.best_weights = gather_trainable(accelerator, model)  # whole: restorable on any processes
         if score is None:
             warn(f"validation at step {state.step}: {cfg.best_metric} is undefined on the {val['num_samples']} "
                  f"readable images (one class only); the best adapter is not updated")
-        speed, lr, memory = samples * accelerator.num_processes / seconds, optimizer.param_groups[0]["lr"], \
+        speed, lr, memory = samples / seconds, optimizer.param_groups[0]["lr"], \
             peak_memory_mb(accelerator.device)
         run.log.log({"epoch": state.epoch, **{f"val/{k}": val[k] for k in ("accuracy", "auroc", "f1", "precision",
                      "recall") if val[k] is not None}, "train/samples_per_second": speed, "peak_memory_mb": memory},
@@ -548,7 +549,7 @@ def check_model(cfg: Config):
 def save_and_score(cfg, accelerator, model, processor, loaders, answer_ids, state, guard, run, started, overlap):
     """The best adapter, chosen on validation, is saved first (a bad test image cannot cost the training), then the
     validation and test sets are scored once and the outputs written."""
-    restore_trainable(model, state.best_weights)  # the best adapter on validation (none: the last weights)
+    restore_trainable(accelerator, model, state.best_weights)  # the best on validation (none: the last weights)
     base_config, out = accelerator.unwrap_model(model).get_base_model().config, Path(cfg.output_dir)
     detector = {"question": cfg.question, "yes_token": cfg.yes_token, "no_token": cfg.no_token,
                 "answer_ids": answer_ids, "resize": cfg.resize, "positive_label": cfg.positive_label,

@@ -1,20 +1,23 @@
-"""Atomic, verified checkpoints and resume (both training scripts; predict_dual_task.py's model file).
+"""Atomic, verified checkpoints and resume, on the same or another number of processes (both training scripts;
+predict_dual_task.py's model file).
 
 Layout under `output_dir/checkpoints/`:
 
     step_00000120/            one complete checkpoint
-        model.safetensors, optimizer.bin, random_states_*.pkl   (accelerator.save_state)
-        train_state_rank0.pt  (this rank's loop state: step, EMA, guard, ... ; loaded with weights_only=True)
-        meta.json             (written last: the step, the number of processes, the run's settings, and
-                               the size and SHA-256 of every other file; a folder without it is ignored)
+        model.safetensors, optimizer.bin, random_states_*.pkl   (accelerator.save_state; FSDP2: sharded folders)
+        train_state.pt        (the loop's state: step, EMA, guard, best weights ... as whole tensors; loaded with
+                               weights_only=True)
+        meta.json             (written last: the step, the number of processes, the run's settings, how far into
+                               its epoch the loop was, and the size and SHA-256 of every other file; a folder without
+                               it is ignored)
     LATEST                    the name of the newest complete checkpoint
     BEST                      the name of the checkpoint saved with `best=True` (kept when pruning)
 
 A checkpoint is written to a hidden temporary folder and renamed into place, so a kill during a
 save never leaves a broken "latest". Every process calls `save_checkpoint` and `load_checkpoint`
-(save_state gathers across ranks and each rank stores its own RNG and shard state); only the main
-process renames, writes LATEST and prunes. With several machines, `output_dir` must be on a
-filesystem that every machine sees.
+(save_state gathers across ranks, each rank stores its own RNG and shard state, and the EMA gathers its
+shards); only the main process writes train_state.pt, renames, writes LATEST and prunes. With several
+machines, `output_dir` must be on a filesystem that every machine sees.
 
 Resuming checks before it loads anything: every file against its recorded size and checksum (a
 disk that filled up, a copy cut short), and the settings that must not change within a run
@@ -22,6 +25,13 @@ disk that filled up, a copy cut short), and the settings that must not change wi
 the ones the checkpoint was written with. `--resume_from latest` skips a damaged newest checkpoint
 for the newest intact one and says so (a warning line); a damaged checkpoint named by path is refused
 with the name of the newest intact one.
+
+Elastic resume: a checkpoint continues on another number of processes (or batch size) of the same kind of
+launch (sharded or not): the model and optimizer through Accelerate (DDP's files are whole; FSDP2's are
+resharded by torch.distributed.checkpoint), the loop state from its whole tensors. The position in the epoch is
+kept in samples (the loop's state "train_state" counts its micro-batches in `batches_done`), so that the rest of
+the epoch's shuffled samples are each seen once: the new global batch must divide it (always true when the
+global batch is kept, and at an epoch's end).
 """
 
 import dataclasses
@@ -31,8 +41,10 @@ import os
 import pickle
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+from accelerate.utils import DistributedType
 
 from common.errors import UserError, first_line, warn
 from common.run_log import follow_umask, replace_folder, writing
@@ -40,6 +52,7 @@ from common.run_log import follow_umask, replace_folder, writing
 LATEST = "LATEST"
 BEST = "BEST"
 META = "meta.json"
+TRAIN_STATE = "train_state.pt"
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -110,13 +123,16 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict,
     accelerator.wait_for_everyone()
     with writing(tmp, tmp=tmp):  # a failed write (a full disk) removes the half-written folder, then exits 74
         accelerator.save_state(str(tmp))
-        torch.save({name: _state_of(obj) for name, obj in state.items()},
-                   tmp / f"train_state_rank{accelerator.process_index}.pt")
+        loop_state = {name: _state_of(obj) for name, obj in state.items()}  # on every process: the EMA gathers
+        if accelerator.is_main_process:
+            torch.save(loop_state, tmp / TRAIN_STATE)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            meta = {"step": step, "num_processes": accelerator.num_processes}
+            meta = {"step": step, "num_processes": accelerator.num_processes, "sharded": _sharded(accelerator)}
             if config is not None:
                 meta["config"] = dataclasses.asdict(config)
+                batches_done = getattr(state.get("train_state"), "batches_done", 0)
+                meta["samples_into_epoch"] = batches_done * config.batch_size * accelerator.num_processes
             meta["files"] = _file_records(tmp)
             (tmp / META).write_text(json.dumps(meta, indent=1))
             replace_folder(tmp, final)
@@ -211,17 +227,37 @@ def resolve_resume(output_dir: str | Path, resume_from: str | None) -> Path | No
     return path
 
 
+def _sharded(accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def _global_batch(config, num_processes: int) -> int:
+    return config.batch_size * num_processes * config.grad_accum_steps
+
+
 def check_checkpoint_fits(accelerator, path: Path, config=None) -> dict:
-    """Refuse, reading only meta.json, a checkpoint written by another number of processes or with other values of
-    `config`'s `same_on_resume` settings; returns meta.json."""
+    """Refuse, reading only meta.json, a checkpoint this run cannot continue: from an older version of this code, of
+    another kind of launch (sharded or not), stopped where this run's global batch cannot continue the epoch, or with
+    other values of `config`'s `same_on_resume` settings; returns meta.json."""
     meta = _read_meta(path)
     if meta is None:
         raise UserError(f"checkpoint {path} is damaged: its {META} is missing or garbled; resume from another "
                         f"checkpoint")
-    own = path / f"train_state_rank{accelerator.process_index}.pt"
-    if meta["num_processes"] != accelerator.num_processes or not own.is_file():
-        raise UserError(f"checkpoint {path} was written by {meta['num_processes']} processes; "
-                        f"resume it with the same number of processes (now {accelerator.num_processes})")
+    if TRAIN_STATE not in meta.get("files", {}) or "sharded" not in meta:
+        raise UserError(f"checkpoint {path} was written by an older version of this script, which kept the loop "
+                        f"state per process; finish that run with that version, or start a new run")
+    if meta["sharded"] != _sharded(accelerator):
+        kinds = ("an FSDP launch", "a launch without FSDP (one process or DDP)")
+        was, now = kinds[not meta["sharded"]], kinds[not _sharded(accelerator)]
+        raise UserError(f"checkpoint {path} was written by {was}, this is {now}; resume it with {was} (any number of "
+                        f"processes)")
+    samples = meta.get("samples_into_epoch", 0)
+    if config is not None and samples % _global_batch(config, accelerator.num_processes):
+        raise UserError(f"checkpoint {path} stopped {samples:,} samples into an epoch, which this run's global batch "
+                        f"({_global_batch(config, accelerator.num_processes):,}: --batch_size x processes x "
+                        f"--grad_accum_steps) cannot continue exactly; keep the checkpoint's global batch "
+                        f"({_global_batch(SimpleNamespace(**meta['config']), meta['num_processes']):,}) or resume "
+                        f"from an epoch's end")
     if config is not None and "config" in meta:
         for f in dataclasses.fields(config):
             saved, asked = meta["config"].get(f.name), getattr(config, f.name)
@@ -235,14 +271,14 @@ def check_checkpoint_fits(accelerator, path: Path, config=None) -> dict:
 def load_checkpoint(accelerator, path: Path, state: dict, config=None) -> dict:
     """Restore what save_checkpoint wrote into the prepared objects and `state`, and say so; returns meta.json.
 
-    Refuses, before loading anything, a checkpoint written by another number of processes or with
-    other values of `config`'s `same_on_resume` settings (`resolve_resume` has checked its files).
+    Refuses, before loading anything, a checkpoint that `check_checkpoint_fits` refuses (`resolve_resume` has
+    checked its files). Written by another number of processes or with another global batch, it continues where it
+    stopped in the epoch, and one line says how the run continues.
     """
     meta = check_checkpoint_fits(accelerator, path, config)
-    own = path / f"train_state_rank{accelerator.process_index}.pt"
     try:
         accelerator.load_state(str(path))
-        saved = torch.load(own, map_location="cpu", weights_only=True)
+        saved = torch.load(path / TRAIN_STATE, map_location="cpu", weights_only=True)
         for name, obj in state.items():
             _load_state_into(obj, saved[name])
     except UserError:
@@ -251,6 +287,20 @@ def load_checkpoint(accelerator, path: Path, state: dict, config=None) -> dict:
         raise UserError(f"checkpoint {path} does not fit this run ({type(err).__name__}: {first_line(err)}); resume "
                         f"with the settings it was written with, or start a new run in another --output_dir") from None
     accelerator.print(f"resumed from {path} at step {meta['step']}")
+    if config is not None and "train_state" in state:
+        loop = state["train_state"]
+        samples, processes = meta.get("samples_into_epoch", 0), accelerator.num_processes
+        loop.batches_done = samples // (config.batch_size * processes)  # this run's micro-batches, per process
+        accelerator.step = loop.batches_done  # accumulate()'s count; a process new to the run has none saved
+        was = SimpleNamespace(**meta["config"])
+        old, new = _global_batch(was, meta["num_processes"]), _global_batch(config, processes)
+        if (meta["num_processes"], old) != (processes, new):
+            accelerator.print(
+                f"elastic resume: written by {meta['num_processes']} process(es), continued on {processes}; global "
+                f"batch {new:,} (--batch_size {config.batch_size} x {processes} x --grad_accum_steps "
+                f"{config.grad_accum_steps}){'' if new == old else f', was {old:,}: the LR schedule counts new steps'}"
+                f"; the epoch goes on from sample {samples:,}, each sample once; not bit-identical to an uninterrupted "
+                f"run (sums in another order)")
     return meta
 
 

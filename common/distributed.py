@@ -1,11 +1,14 @@
-"""The distributed setup of both training scripts: FSDP2 on CPU processes (for smoke tests), and the checks
-Accelerate does not make loudly."""
+"""The distributed setup of both training scripts: FSDP2 on CPU processes (for smoke tests), the checks
+Accelerate does not make loudly, and whole tensors from FSDP2 shards and back (for state that must resume on
+another number of processes)."""
 
 import os
 from pathlib import Path
 
+import torch
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, gather_object
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from common.errors import UserError
 
@@ -112,3 +115,20 @@ def confirm_output_dir_is_shared(accelerator, marker: Path, created: bool) -> No
             shutil.rmtree(marker.parent, ignore_errors=True)
         raise UserError(f"process {seen.index(False)} does not see {marker} written by process 0; "
                         f"{SHARED_FILESYSTEM_FIX}")
+
+
+def whole(param, local: torch.Tensor) -> torch.Tensor:
+    """`local`, laid out like `param` (under FSDP2 this process's shard of it), as the full tensor. Under FSDP2 it
+    is gathered from every process (a collective: every process calls it); otherwise it is `local` itself."""
+    if not isinstance(param, DTensor):
+        return local
+    return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False, shape=param.shape,
+                              stride=param.stride()).full_tensor()
+
+
+def part_of(param, full: torch.Tensor) -> torch.Tensor:
+    """This process's part of the full tensor `full`, laid out like `param`: under FSDP2 its shard (cut locally,
+    nothing is sent), otherwise all of it. The inverse of `whole`, on any number of processes."""
+    if not isinstance(param, DTensor):
+        return full
+    return distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None).to_local()

@@ -2,13 +2,15 @@
 
 The average is kept for trainable parameters only (for LoRA: just the adapters) and updated in place
 on each process's local data with one fused `torch._foreach_lerp_`: with FSDP2 each rank averages
-its own shard and nothing is gathered until the model is saved. No host synchronisation happens in
-`update()`, so it costs almost nothing per step.
+its own shard and nothing is gathered until the model or a checkpoint is saved. No host synchronisation
+happens in `update()`, so it costs almost nothing per step.
 """
 
 from contextlib import contextmanager
 
 import torch
+
+from common.distributed import part_of, whole
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -62,12 +64,14 @@ class EMA:
                 for p, saved in zip(self.parameters, backup):
                     _local(p).copy_(saved)
 
-    # Saved per rank in train_state_rank{r}.pt by common/checkpoint.py (loaded with weights_only=True).
+    # Saved in checkpoints as whole tensors (gathered from the shards: every process calls state_dict), so that a
+    # run can resume on another number of processes; each process loads its own part.
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": [t.clone() for t in self.shadow]}
+        return {"decay": self.decay, "num_updates": self.num_updates,
+                "shadow": [whole(p, avg).clone() for p, avg in zip(self.parameters, self.shadow)]}
 
     def load_state_dict(self, state: dict) -> None:
         self.decay = state["decay"]
         self.num_updates = state["num_updates"]
-        for avg, saved in zip(self.shadow, state["shadow"]):
-            avg.copy_(saved)
+        for p, avg, saved in zip(self.parameters, self.shadow, state["shadow"], strict=True):
+            avg.copy_(part_of(p, saved))

@@ -173,7 +173,7 @@ class NonFiniteGuard:
             )
         return False
 
-    # Saved per rank in train_state_rank{r}.pt by common/checkpoint.py (loaded with weights_only=True).
+    # Saved in train_state.pt by common/checkpoint.py (loaded with weights_only=True); the same on every process.
     def state_dict(self) -> dict:
         return {
             "nonfinite_total": self.nonfinite_total.cpu(),

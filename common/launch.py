@@ -224,7 +224,7 @@ def warn_if_short(total_steps: int, steps_per_epoch: int, max_steps: int, untrai
 
 def run_facts(accelerator, state, guard, seed: int, started: float) -> dict:
     """What results.json says of a run besides its scores: steps, time, speed, memory, setup, fallback, seed."""
-    speed = state.train_samples * accelerator.num_processes / state.train_seconds if state.train_seconds else None
+    speed = state.train_samples / state.train_seconds if state.train_seconds else None
     return {"epochs_run": state.epoch, "optimizer_steps": state.step, "wall_seconds": time.perf_counter() - started,
             "train_samples_per_second": speed, "peak_memory_mb": peak_memory_mb(accelerator.device),
             "num_processes": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type.value),

@@ -1,34 +1,34 @@
-"""The trainable weights of a model with a frozen base (LoRA on a 7B vision-language model), for train_llava.py:
-checkpoint only them, gather them (from FSDP2 shards) and save them as an adapter, copy them aside and back, and
+"""The trainable weights of a model: gather them (from FSDP2 shards) and put them back, for both training scripts'
+best weights; and for a frozen base with LoRA (train_llava.py): checkpoint only them, save them as an adapter, and
 merge a saved adapter into its base."""
 
 from pathlib import Path
 
 import torch
 
+from common.distributed import part_of
 from common.run_log import replace_folder, write_json, writing
 
 
 def gather_trainable(accelerator, model) -> dict:
-    """The trainable (e.g. LoRA) weights as full CPU tensors, for saving. Under FSDP2 each is a DTensor shard and
-    `full_tensor()` is a collective: every process must call this; only the main process writes. Gathering
-    just the adapters (not `accelerator.get_state_dict`, which would gather the frozen base too) keeps a
-    7B model's gather to a few MB."""
-    return {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
+    """A copy of the trainable (e.g. LoRA) weights as full CPU tensors, named as in the unwrapped model: to save, or
+    to put back with `restore_trainable` on any number of processes. Under FSDP2 each is a DTensor shard and
+    `full_tensor()` is a collective: every process must call this. Gathering just the adapters (not
+    `accelerator.get_state_dict`, which would gather the frozen base too) keeps a 7B model's gather to a few MB."""
+    return {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().to("cpu", copy=True)
             for name, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
 
 
-def copy_trainable(model) -> dict:
-    """A copy of the trainable (e.g. LoRA) weights as they are, to restore with `restore_trainable`."""
-    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-
-
 @torch.no_grad()
-def restore_trainable(model, weights: dict) -> None:
-    """Copy weights saved by `copy_trainable` back into the same (prepared) model."""
-    for name, p in model.named_parameters():
-        if name in weights:
-            p.copy_(weights[name])
+def restore_trainable(accelerator, model, weights: dict) -> None:
+    """Put weights from `gather_trainable` back into the prepared model, each process its own part (nothing to do
+    for none). All of them or an error: a name that does not match would otherwise leave a weight as it was."""
+    trainable = {name: p for name, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+    if weights and weights.keys() != trainable.keys():
+        raise RuntimeError(f"saved weights do not match the model's trainable ones: "
+                           f"{sorted(weights.keys() ^ trainable.keys())[:3]}")
+    for name, p in trainable.items() if weights else ():
+        (p.to_local() if hasattr(p, "to_local") else p).copy_(part_of(p, weights[name]))
 
 
 def checkpoint_trainable_only(model) -> None:

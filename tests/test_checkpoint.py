@@ -1,11 +1,14 @@
 """Atomic checkpoints: complete or invisible, the newest found without trusting folder names, old ones pruned."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from common.checkpoint import find_latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
 from common.errors import UserError
@@ -96,12 +99,50 @@ def test_resolve_resume(tmp_path):
         resolve_resume(tmp_path, str(tmp_path / "nope"))
 
 
-def test_a_checkpoint_from_another_world_size_is_refused(tmp_path, accelerator):
+def test_a_checkpoint_of_another_kind_of_launch_or_an_older_version_is_refused(tmp_path, accelerator):
     accelerator.prepare(torch.nn.Linear(2, 2))
     path = save_checkpoint(accelerator, tmp_path, 1, {})
-    (path / "meta.json").write_text(json.dumps({"step": 1, "num_processes": 2}))
-    with pytest.raises(UserError, match="written by 2 processes"):
+    meta = json.loads((path / "meta.json").read_text())
+    assert (meta["num_processes"], meta["sharded"]) == (1, False)
+    (path / "meta.json").write_text(json.dumps(meta | {"num_processes": 2, "sharded": True}))
+    with pytest.raises(UserError, match="written by an FSDP launch, this is a launch without FSDP .*; resume it with "
+                                        "an FSDP launch"):
         load_checkpoint(accelerator, path, {})
+    old_files = {"train_state_rank0.pt" if k == "train_state.pt" else k: v for k, v in meta["files"].items()}
+    (path / "meta.json").write_text(json.dumps(meta | {"files": old_files}))
+    with pytest.raises(UserError, match="written by an older version of this script"):
+        load_checkpoint(accelerator, path, {})
+
+
+@dataclasses.dataclass
+class Loop:
+    batches_done: int = 0
+    step: int = 0
+
+
+@dataclasses.dataclass
+class Geometry:
+    batch_size: int = 4
+    grad_accum_steps: int = 2
+
+
+def test_the_epoch_goes_on_from_the_same_sample_with_another_batch_or_refuses_where_it_cannot(tmp_path, accelerator,
+                                                                                               capsys):
+    """Stopped 6 micro-batches of 4 into an epoch (3 steps of 8): 24 samples are taken. A global batch of 8 or 24
+    continues from sample 24; one of 16 cannot (a step would straddle it) and is refused before anything loads."""
+    accelerator.prepare(torch.nn.Linear(2, 2))
+    path = save_checkpoint(accelerator, tmp_path, 3, {"train_state": Loop(6, 3)}, config=Geometry())
+    assert json.loads((path / "meta.json").read_text())["samples_into_epoch"] == 24
+    for geometry, batches_done, announced in ((Geometry(), 6, False), (Geometry(8, 1), 3, False),
+                                              (Geometry(2, 4), 12, False), (Geometry(12, 2), 2, True)):
+        loop = Loop()
+        load_checkpoint(accelerator, path, {"train_state": loop}, config=geometry)
+        assert (loop.batches_done, loop.step, accelerator.step) == (batches_done, 3, batches_done)
+        line = capsys.readouterr().out
+        assert ("global batch 24 (--batch_size 12 x 1 x --grad_accum_steps 2), was 8: the LR schedule counts new "
+                "steps; the epoch goes on from sample 24" in line) == announced
+    with pytest.raises(UserError, match=r"stopped 24 samples into an epoch, which this run's global batch \(16: "):
+        load_checkpoint(accelerator, path, {"train_state": Loop()}, config=Geometry(8, 2))
 
 
 class Payload:
@@ -114,7 +155,47 @@ class Payload:
 def test_loop_state_is_loaded_with_weights_only(tmp_path, accelerator):
     model = accelerator.prepare(torch.nn.Linear(2, 2))
     path = save_checkpoint(accelerator, tmp_path, 1, {"counter": Counter()})
-    torch.save({"counter": {"value": Payload(), "note": "x"}}, path / "train_state_rank0.pt")
+    torch.save({"counter": {"value": Payload(), "note": "x"}}, path / "train_state.pt")
     with pytest.raises(Exception, match="Weights only load failed"):
         load_checkpoint(accelerator, path, {"counter": Counter()})
     del model
+
+
+def epoch_as_seen(num_samples: int, batch_size: int, processes: int, skip: int = 0, take: int | None = None) -> list:
+    """The samples an epoch's prepared loaders give, step by step (rank 0's batch, then rank 1's ...), after skipping
+    `skip` batches per process: Accelerate's own sharding, seeded sampler and skip, as the scripts run them."""
+    from accelerate.data_loader import prepare_data_loader, skip_first_batches
+
+    per_rank = []
+    for rank in range(processes):
+        torch.manual_seed(3)  # the sampler's seed: the scripts' set_seed before prepare
+        loader = torch.utils.data.DataLoader(list(range(num_samples)), batch_size=batch_size, shuffle=True,
+                                             generator=torch.Generator().manual_seed(3))
+        loader = prepare_data_loader(loader, num_processes=processes, process_index=rank, put_on_device=False,
+                                     use_seedable_sampler=True)
+        loader.set_epoch(2)
+        per_rank.append([b.tolist() for b in (skip_first_batches(loader, skip) if skip else loader)][:take])
+    return [i for step in zip(*per_rank, strict=True) for batch in step for i in batch]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(20, 300), st.integers(1, 16), st.integers(1, 3), st.integers(1, 4), st.data())
+def test_a_position_kept_in_samples_continues_the_epoch_on_any_number_of_processes(num_samples, batch_size, processes,
+                                                                                  new_processes, data):
+    """What load_checkpoint does on another number of processes (or batch size): it skips samples_into_epoch //
+    (batch_size x processes) batches per process. Then the samples taken before and after are the epoch's shuffled
+    order, each sample once; only Accelerate's usual padding of the last global batch (the epoch's first samples
+    again, so that every process gets a full batch) repeats any."""
+    rounds = -(-num_samples // (batch_size * processes))  # global batches of the old run
+    done = data.draw(st.integers(0, rounds - 1))  # a mid-epoch checkpoint: the last round is never one
+    samples = done * batch_size * processes
+    fitting = [d for d in range(1, 4 * batch_size + 1) if samples % (d * new_processes) == 0]
+    assume(fitting)  # other batch sizes are refused (test_the_epoch_goes_on_from_the_same_sample...)
+    new_batch = data.draw(st.sampled_from(fitting))
+    before = epoch_as_seen(num_samples, batch_size, processes, take=done)
+    after = epoch_as_seen(num_samples, new_batch, new_processes, skip=samples // (new_batch * new_processes))
+    order = epoch_as_seen(num_samples, num_samples, 1)  # the whole shuffled epoch as one batch
+    assert before == order[:samples]
+    assert after[:num_samples - samples] == order[samples:]
+    assert after[num_samples - samples:] == order[:len(after) - (num_samples - samples)]  # the padding only
+    assert len(after) - (num_samples - samples) < new_batch * new_processes

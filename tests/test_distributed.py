@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -39,59 +40,148 @@ def steps(path):
     return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if "train/loss" in line]
 
 
-def test_two_processes_train_like_one_with_the_same_global_batch_under_ddp_and_fsdp2(tmp_path):
-    """And the DDP run's checkpoints: saved by every rank, written once, resumed on two processes only."""
-    common = [*SMALL, "--dropout", "0", "--max_steps", "12", "--log_every", "1", "--mixed_precision", "no",
-              "--checkpoint_every", "3", "--keep_checkpoints", "10"]
-    run([sys.executable, "train_dual_task.py", *common, "--batch_size", "512", "--output_dir", str(tmp_path / "one")])
+def run_recording_samples(cmd, log: Path):
+    """`run`, with every training batch each process fetches recorded in `log` (tests/sample_log/sitecustomize.py)."""
+    log.mkdir(parents=True)
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'tests' / 'sample_log'}{os.pathsep}{REPO}", "SAMPLE_LOG": str(log)}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def samples_by_step(log: Path) -> list[list[int]]:
+    """The samples of each micro-batch step, over all processes (rank 0's batch, then rank 1's ...)."""
+    ranks = [[json.loads(line) for line in path.read_text().splitlines()] for path in sorted(log.glob("rank*.jsonl"))]
+    return [[i for batch in step for i in batch] for step in zip(*ranks, strict=True)]
+
+
+DUAL_COMMON = [*SMALL, "--dropout", "0", "--max_steps", "12", "--log_every", "1", "--mixed_precision", "no",
+               "--checkpoint_every", "3", "--keep_checkpoints", "10"]
+
+
+@pytest.fixture(scope="module")
+def dual_runs(tmp_path_factory):
+    """The same 12 steps (global batch 512) on one process, two under DDP and two under FSDP2, the training samples
+    of each recorded, with a checkpoint every 3 steps."""
+    root = tmp_path_factory.mktemp("dual")
+    run_recording_samples([sys.executable, "train_dual_task.py", *DUAL_COMMON, "--batch_size", "512", "--output_dir",
+                           str(root / "one")], root / "one_samples")
     for name, config in (("two", "ddp"), ("fsdp", "fsdp")):
-        run([*launch(), "--config_file", f"accelerate_configs/{config}.yaml", "train_dual_task.py", *common,
-             "--batch_size", "256", "--output_dir", str(tmp_path / name)])
-    one, two = (json.loads((tmp_path / "one" / "results.json").read_text()),
-                json.loads((tmp_path / "two" / "results.json").read_text()))
+        run_recording_samples([*launch(), "--config_file", f"accelerate_configs/{config}.yaml", "train_dual_task.py",
+                               *DUAL_COMMON, "--batch_size", "256", "--output_dir", str(root / name)],
+                              root / f"{name}_samples")
+    return root
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch_under_ddp_and_fsdp2(dual_runs):
+    """And the DDP run's checkpoints: saved by every rank, written once, resumed on two processes."""
+    one, two = (json.loads((dual_runs / "one" / "results.json").read_text()),
+                json.loads((dual_runs / "two" / "results.json").read_text()))
     assert two["num_processes"] == 2 and two["distributed_type"] == "MULTI_CPU"
     assert one["num_processes"] == 1 and one["distributed_type"] == "NO"
     assert one["optimizer_steps"] == two["optimizer_steps"] == 12
+    # The same 512 samples in each update, in the same order, whatever the number of processes.
+    assert samples_by_step(dual_runs / "one_samples") == samples_by_step(dual_runs / "two_samples")
     # Same samples per update; losses agree to 1e-3 relative (the RUL loss to 3e-3) (each rank averages its own half,
     # and the failure-weighted MSE is a ratio of means, so the halves do not combine exactly).
-    for a, b in zip(steps(tmp_path / "one"), steps(tmp_path / "two"), strict=True):
+    for a, b in zip(steps(dual_runs / "one"), steps(dual_runs / "two"), strict=True):
         assert a["step"] == b["step"] and a["train/lr"] == b["train/lr"]
         assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-3)
         assert b["train/rul_loss"] == pytest.approx(a["train/rul_loss"], rel=3e-3)
     assert two["test_rmse"] == pytest.approx(one["test_rmse"], abs=0.01)
     # FSDP2 (Accelerate's own path: sharded parameters, reduce-scatter) follows DDP step for step, and
     # model.safetensors holds the full, gathered weights.
-    fsdp = json.loads((tmp_path / "fsdp" / "results.json").read_text())
+    fsdp = json.loads((dual_runs / "fsdp" / "results.json").read_text())
     assert (fsdp["num_processes"], fsdp["distributed_type"], fsdp["optimizer_steps"]) == (2, "FSDP", 12)
-    for a, b in zip(steps(tmp_path / "two"), steps(tmp_path / "fsdp"), strict=True):
+    for a, b in zip(steps(dual_runs / "two"), steps(dual_runs / "fsdp"), strict=True):
         assert a["step"] == b["step"] and a["train/lr"] == b["train/lr"]
         assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-3)
         assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-3)
-    ddp_weights, fsdp_weights = (load_file(tmp_path / name / "model.safetensors") for name in ("two", "fsdp"))
+    ddp_weights, fsdp_weights = (load_file(dual_runs / name / "model.safetensors") for name in ("two", "fsdp"))
     assert ddp_weights.keys() == fsdp_weights.keys()
     assert all(torch.allclose(ddp_weights[k], fsdp_weights[k], atol=1e-5) for k in ddp_weights)
     assert fsdp["test_rmse"] == pytest.approx(two["test_rmse"], abs=0.01)
 
-    out = tmp_path / "two"
+    out = copy_run(dual_runs / "two", dual_runs / "two_resumed", 12)
     checkpoint = out / "checkpoints" / "step_00000006"
     assert sorted(p.name for p in checkpoint.iterdir()) == [
         "meta.json", "model.safetensors", "optimizer.bin", "random_states_0.pkl", "random_states_1.pkl",
-        "train_state_rank0.pt", "train_state_rank1.pt"]  # shared state once, per-rank state per rank
+        "train_state.pt"]  # the model, optimizer and loop state once, each rank's random state
     meta = json.loads((checkpoint / "meta.json").read_text())
     assert (meta["step"], meta["num_processes"], meta["config"]["batch_size"]) == (6, 2, 256)
+    assert (meta["sharded"], meta["samples_into_epoch"]) == (False, 6 * 512)
     # every rank's files
     assert sorted(meta["files"]) == sorted(p.name for p in checkpoint.iterdir() if p.name != "meta.json")
     assert (out / "checkpoints" / "LATEST").read_text() == "step_00000012"
     assert not list((out / "checkpoints").glob(".tmp*"))
-    resume = [*launch(), "--config_file", "accelerate_configs/ddp.yaml", "train_dual_task.py", *common,
-              "--batch_size", "256", "--output_dir", str(out), "--resume_from", "latest"]
-    run([*resume, "--max_steps", "15"])
+    run([*launch(), "--config_file", "accelerate_configs/ddp.yaml", "train_dual_task.py", *DUAL_COMMON,
+         "--batch_size", "256", "--output_dir", str(out), "--resume_from", "latest", "--max_steps", "15"])
     resumed = json.loads((out / "results.json").read_text())
     assert resumed["optimizer_steps"] == 15 and resumed["num_processes"] == 2
     assert [r["step"] for r in steps(out)] == list(range(1, 16))  # each step logged once, by one process
-    # One process cannot continue a two-process checkpoint: a clear error, not a silent mismatch.
-    proc = run([sys.executable, *resume[resume.index("train_dual_task.py"):], "--max_steps", "18"], expect_ok=False)
-    assert proc.returncode == 2 and "written by 2 processes; resume it with the same number of processes" in proc.stderr
+    # An FSDP2 checkpoint cannot go on without FSDP (the formats differ): a clear error, nothing changed.
+    proc = run([sys.executable, "train_dual_task.py", *DUAL_COMMON, "--batch_size", "512", "--output_dir",
+                str(dual_runs / "fsdp"), "--resume_from", "latest", "--max_steps", "15"], expect_ok=False)
+    assert proc.returncode == 2 and "was written by an FSDP launch, this is a launch without FSDP" in proc.stderr
+
+
+def copy_run(source: Path, target: Path, up_to_step: int) -> Path:
+    """A copy of a run folder as a kill after the checkpoint of `up_to_step` would have left it."""
+    shutil.copytree(source, target)
+    for checkpoint in (target / "checkpoints").glob("step_*"):
+        if int(checkpoint.name.removeprefix("step_")) > up_to_step:
+            shutil.rmtree(checkpoint)
+    assert (target / "checkpoints" / f"step_{up_to_step:08d}" / "meta.json").is_file()
+    (target / "checkpoints" / "LATEST").write_text(f"step_{up_to_step:08d}")
+    return target
+
+
+def check_elastic_resume(resumed: Path, reference: Path, from_step: int, processes: int, proc, loss_rel: float,
+                         samples: tuple[Path, Path], weights: str = "model.safetensors") -> None:
+    """A run resumed at `from_step` on `processes` processes continued like the uninterrupted `reference` run: the
+    same steps and LRs, the losses to `loss_rel`, the same samples in each remaining step, the same final weights
+    (to float rounding), and one line said how it continued."""
+    written_by = 2 if processes == 1 else 1
+    assert f"elastic resume: written by {written_by} process(es), continued on {processes}" in proc.stdout
+    after, before = steps(resumed), steps(reference)
+    assert [r["step"] for r in after] == [r["step"] for r in before]  # each step logged once
+    for a, b in zip(after[from_step:], before[from_step:], strict=True):
+        assert a["train/lr"] == b["train/lr"]
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=loss_rel)
+    taken = sum(map(len, samples_by_step(samples[1])[:from_step]))  # by the reference run until the checkpoint
+    rest = [i for step in samples_by_step(samples[1]) for i in step][taken:]
+    assert [i for step in samples_by_step(samples[0]) for i in step] == rest  # the rest of the epoch, in order
+    results = json.loads((resumed / "results.json").read_text())
+    assert results["num_processes"] == processes
+    assert results["optimizer_steps"] == json.loads((reference / "results.json").read_text())["optimizer_steps"]
+    a, b = load_file(resumed / weights), load_file(reference / weights)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_dual_task_resumes_on_another_number_of_processes_under_ddp_and_fsdp2(dual_runs):
+    """2 -> 1 and 1 -> 2 processes, under DDP and under FSDP2, keeping the global batch of 512 (--batch_size 512 on
+    one, 256 on two), from mid-epoch checkpoints: each goes on like the run that was never stopped, its EMA (the
+    saved model) included."""
+    root = dual_runs
+    def resume(source, step, launcher, batch, name):
+        out = copy_run(root / source, root / name, step)
+        cmd = [*launcher, "train_dual_task.py", *DUAL_COMMON, *batch, "--output_dir", str(out), "--resume_from",
+               "latest"]
+        return out, run_recording_samples(cmd, root / f"{name}_samples")
+
+    fsdp_launch = [*launch(), "--config_file", "accelerate_configs/fsdp.yaml"]
+    for source, step, launcher, batch, processes in (
+            ("two", 6, [sys.executable], ["--batch_size", "512"], 1),  # (accumulation: the LLaVA test; AMNL's averages
+            # count micro-batches, so accumulating changes the dual-task loss a little, by design)
+            ("one", 6, [*launch(), "--config_file", "accelerate_configs/ddp.yaml"], ["--batch_size", "256"], 2),
+            ("fsdp", 6, [*fsdp_launch, "--num_processes", "1"], ["--batch_size", "512"], 1),  # resharded by DCP
+            ("fsdp_to_1", 9, fsdp_launch, ["--batch_size", "256"], 2)):  # from the checkpoint the run above wrote
+        name = f"{source}_to_{processes}"
+        out, proc = resume(source, step, launcher, batch, name)
+        reference = "fsdp" if source.startswith("fsdp") else source
+        check_elastic_resume(out, root / reference, step, processes, proc, 1e-3,
+                             (root / f"{name}_samples", root / f"{reference}_samples"))
+    assert json.loads((root / "fsdp_to_1" / "results.json").read_text())["distributed_type"] == "FSDP"
 
 
 def kill_after_checkpoint(out: Path, min_step: int, *commands: list) -> None:
@@ -300,28 +390,45 @@ def llava_args(model, data, *extra):
             "--grad_accum_steps", "1", "--lr", "1e-3", *map(str, extra)]
 
 
-def test_llava_two_processes_train_like_one_with_the_same_global_batch_under_ddp_and_fsdp2(tmp_path, llava_inputs):
+LLAVA_EXTRA = ["--lora_vision_modules", "fc1", "--mixed_precision", "no", "--checkpoint_every", "1",
+               "--keep_checkpoints", "10"]
+
+
+@pytest.fixture(scope="module")
+def llava_runs(tmp_path_factory, llava_inputs):
+    """The same 4 steps (one epoch, global batch 8) on one process, two under DDP and two under FSDP2, with a
+    checkpoint after every step and the training samples of each recorded."""
+    model, data = llava_inputs
+    root = tmp_path_factory.mktemp("llava_runs")
+    run_recording_samples([sys.executable, "train_llava.py", *llava_args(model, data, "--batch_size", 8, *LLAVA_EXTRA,
+                                                                         "--output_dir", root / "one")],
+                          root / "one_samples")
+    for name, config in (("two", "ddp"), ("fsdp", "fsdp")):
+        run_recording_samples([*launch(), "--config_file", f"accelerate_configs/{config}.yaml", "train_llava.py",
+                               *llava_args(model, data, "--batch_size", 4, *LLAVA_EXTRA, "--output_dir", root / name)],
+                              root / f"{name}_samples")
+    return root
+
+
+def test_llava_two_processes_train_like_one_with_the_same_global_batch_under_ddp_and_fsdp2(tmp_path, llava_inputs,
+                                                                                          llava_runs):
     """With LoRA asked for in the vision tower too: its last layer is past the selected feature layer, where a LoRA
     weight would never get a gradient (DDP would need find_unused_parameters, and FSDP2 could not checkpoint its
     optimizer state, which never exists), so it gets none."""
     model, data = llava_inputs
-    extra = ["--lora_vision_modules", "fc1", "--mixed_precision", "no"]
-    run([sys.executable, "train_llava.py", *llava_args(model, data, "--batch_size", 8, "--output_dir", tmp_path / "one",
-                                                       *extra)])
     def fsdp_launch(name):  # a fresh port for each launch
         return [*launch(), "--config_file", "accelerate_configs/fsdp.yaml", "train_llava.py",
-                *llava_args(model, data, "--batch_size", 4, "--checkpoint_every", 1, *extra,
-                            "--output_dir", tmp_path / name)]
+                *llava_args(model, data, "--batch_size", 4, *LLAVA_EXTRA, "--output_dir", tmp_path / name)]
 
-    run([*launch(), "--config_file", "accelerate_configs/ddp.yaml", "train_llava.py",
-         *llava_args(model, data, "--batch_size", 4, "--output_dir", tmp_path / "two", *extra)])
-    run(fsdp_launch("fsdp"))
+    for name in ("one", "two", "fsdp"):
+        shutil.copytree(llava_runs / name, tmp_path / name)
     one, two = (json.loads((tmp_path / "one" / "results.json").read_text()),
                 json.loads((tmp_path / "two" / "results.json").read_text()))
     assert (one["num_processes"], one["distributed_type"]) == (1, "NO")
     assert (two["num_processes"], two["distributed_type"]) == (2, "MULTI_CPU")
     assert one["optimizer_steps"] == two["optimizer_steps"] == 4
     assert one["val_num_samples"] == two["val_num_samples"] == 9  # the padded duplicate is dropped
+    assert samples_by_step(llava_runs / "one_samples") == samples_by_step(llava_runs / "two_samples")  # in order
     # Same 8 samples per update: the mean loss of two halves of 4 equals the loss of 8 (to float rounding).
     for a, b in zip(steps(tmp_path / "one"), steps(tmp_path / "two"), strict=True):
         assert a["step"] == b["step"] and a["train/lr"] == b["train/lr"]
@@ -358,6 +465,27 @@ def test_llava_two_processes_train_like_one_with_the_same_global_batch_under_ddp
     run([*fsdp_launch("killed"), "--resume_from", "latest"])
     resumed = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
     assert resumed.keys() == fsdp_adapter.keys() and all(torch.equal(resumed[k], fsdp_adapter[k]) for k in resumed)
+
+
+def test_llava_resumes_on_another_number_of_processes_under_ddp_and_fsdp2(llava_inputs, llava_runs):
+    """2 -> 1 and 1 -> 2 processes, under DDP and under FSDP2, keeping the global batch of 8, from mid-epoch
+    checkpoints: each goes on like the run that was never stopped. DDP 2 -> 1 keeps it by accumulating 2
+    micro-batches of 4: the epoch goes on after 4 of them, where the checkpoint's processes had taken 2 each."""
+    model, data = llava_inputs
+    root, fsdp_launch = llava_runs, [*launch(), "--config_file", "accelerate_configs/fsdp.yaml"]
+    for source, step, launcher, batch, processes in (
+            ("two", 2, [sys.executable], ["--batch_size", 4, "--grad_accum_steps", 2], 1),
+            ("one", 2, [*launch(), "--config_file", "accelerate_configs/ddp.yaml"], ["--batch_size", 4], 2),
+            ("fsdp", 1, [*fsdp_launch, "--num_processes", "1"], ["--batch_size", 8], 1),  # resharded by DCP
+            ("fsdp_to_1", 2, fsdp_launch, ["--batch_size", 4], 2)):  # from the checkpoint the run above wrote
+        name = f"{source}_to_{processes}"
+        out = copy_run(root / source, root / name, step)
+        proc = run_recording_samples([*launcher, "train_llava.py", *llava_args(model, data, *LLAVA_EXTRA, *batch,
+                                      "--output_dir", out, "--resume_from", "latest")], root / f"{name}_samples")
+        reference = "fsdp" if source.startswith("fsdp") else source
+        check_elastic_resume(out, root / reference, step, processes, proc, 1e-4,
+                             (root / f"{name}_samples", root / f"{reference}_samples"),
+                             weights="adapter/adapter_model.safetensors")
 
 
 def test_llava_a_corrupt_image_seen_by_one_rank_stops_every_rank(tmp_path, llava_inputs):

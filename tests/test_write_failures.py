@@ -158,12 +158,12 @@ def test_torch_s_zip_writer_failing_is_a_full_disk_or_an_io_error(tmp_path, monk
     full decides between ENOSPC and EIO."""
     real = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=free))
-    with pytest.raises(OSError) as err, writing(tmp_path / "train_state_rank0.pt"):
+    with pytest.raises(OSError) as err, writing(tmp_path / "train_state.pt"):
         try:
             raise RuntimeError("basic_ios::clear: iostream error")
         except RuntimeError:
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 703680 vs 703568")  # noqa: B904
-    assert err.value.errno == expected and err.value.filename == str(tmp_path / "train_state_rank0.pt")
+    assert err.value.errno == expected and err.value.filename == str(tmp_path / "train_state.pt")
 
 
 def test_a_checkpoint_that_may_not_fit_is_warned_about_before_it_is_written(small_cmapss, tmp_path, monkeypatch):
