@@ -30,8 +30,8 @@ Elastic resume: a checkpoint continues on another number of processes (or batch 
 launch (sharded or not): the model and optimizer through Accelerate (DDP's files are whole; FSDP2's are
 resharded by torch.distributed.checkpoint), the loop state from its whole tensors. The position in the epoch is
 kept in samples (the loop's state "train_state" counts its micro-batches in `batches_done`), so that the rest of
-the epoch's shuffled samples are each seen once: the new global batch must divide it (always true when the
-global batch is kept, and at an epoch's end).
+the epoch's shuffled samples are each seen once. The global batch must stay the same (split into other
+--batch_size x processes x --grad_accum_steps): the run's steps and LR schedule count it.
 """
 
 import dataclasses
@@ -93,8 +93,9 @@ def _file_records(folder: Path) -> dict:
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != META}
 
 
-def _state_of(obj) -> dict:
-    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj.state_dict()
+def _state_of(obj) -> dict:  # a dataclass's fields as they are (not deep-copied: they are saved at once)
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)} if dataclasses.is_dataclass(obj) \
+        else obj.state_dict()
 
 
 def _load_state_into(obj, state: dict) -> None:
@@ -235,10 +236,28 @@ def _global_batch(config, num_processes: int) -> int:
     return config.batch_size * num_processes * config.grad_accum_steps
 
 
+def _check_global_batch(path: Path, was, was_processes: int, config, processes: int) -> None:
+    """The global batch (--batch_size x processes x --grad_accum_steps) is the unit of the run's steps, its LR
+    schedule and its position in the epoch: a resume may split it otherwise, on any number of processes, not change
+    it. The error line names flags that keep it on this number of processes, if there are any."""
+    old, new = _global_batch(was, was_processes), _global_batch(config, processes)
+    if old == new:
+        return
+    if old % processes:
+        fix = f"resume on a number of processes that divides {old:,}"
+    elif old // processes % config.batch_size == 0:
+        fix = f"e.g. --grad_accum_steps {old // processes // config.batch_size} with --batch_size {config.batch_size}"
+    else:
+        fix = f"e.g. --batch_size {old // processes} --grad_accum_steps 1"
+    raise UserError(f"checkpoint {path} was trained with a global batch of {old:,} (--batch_size {was.batch_size} x "
+                    f"{was_processes} processes x --grad_accum_steps {was.grad_accum_steps}), this run's would be "
+                    f"{new:,}; its steps and LR schedule count that batch: keep it, {fix}")
+
+
 def check_checkpoint_fits(accelerator, path: Path, config=None) -> dict:
     """Refuse, reading only meta.json, a checkpoint this run cannot continue: from an older version of this code, of
-    another kind of launch (sharded or not), stopped where this run's global batch cannot continue the epoch, or with
-    other values of `config`'s `same_on_resume` settings; returns meta.json."""
+    another kind of launch (sharded or not), with another global batch, or with other values of `config`'s
+    `same_on_resume` settings; returns meta.json."""
     meta = _read_meta(path)
     if meta is None:
         raise UserError(f"checkpoint {path} is damaged: its {META} is missing or garbled; resume from another "
@@ -251,13 +270,9 @@ def check_checkpoint_fits(accelerator, path: Path, config=None) -> dict:
         was, now = kinds[not meta["sharded"]], kinds[not _sharded(accelerator)]
         raise UserError(f"checkpoint {path} was written by {was}, this is {now}; resume it with {was} (any number of "
                         f"processes)")
-    samples = meta.get("samples_into_epoch", 0)
-    if config is not None and samples % _global_batch(config, accelerator.num_processes):
-        raise UserError(f"checkpoint {path} stopped {samples:,} samples into an epoch, which this run's global batch "
-                        f"({_global_batch(config, accelerator.num_processes):,}: --batch_size x processes x "
-                        f"--grad_accum_steps) cannot continue exactly; keep the checkpoint's global batch "
-                        f"({_global_batch(SimpleNamespace(**meta['config']), meta['num_processes']):,}) or resume "
-                        f"from an epoch's end")
+    if config is not None and "config" in meta:
+        _check_global_batch(path, SimpleNamespace(**meta["config"]), meta["num_processes"], config,
+                            accelerator.num_processes)
     if config is not None and "config" in meta:
         for f in dataclasses.fields(config):
             saved, asked = meta["config"].get(f.name), getattr(config, f.name)
@@ -272,8 +287,8 @@ def load_checkpoint(accelerator, path: Path, state: dict, config=None) -> dict:
     """Restore what save_checkpoint wrote into the prepared objects and `state`, and say so; returns meta.json.
 
     Refuses, before loading anything, a checkpoint that `check_checkpoint_fits` refuses (`resolve_resume` has
-    checked its files). Written by another number of processes or with another global batch, it continues where it
-    stopped in the epoch, and one line says how the run continues.
+    checked its files). Written by another number of processes (or the same global batch split otherwise), it
+    continues where it stopped in the epoch, and one line says how the run continues.
     """
     meta = check_checkpoint_fits(accelerator, path, config)
     try:
@@ -288,19 +303,16 @@ def load_checkpoint(accelerator, path: Path, state: dict, config=None) -> dict:
                         f"with the settings it was written with, or start a new run in another --output_dir") from None
     accelerator.print(f"resumed from {path} at step {meta['step']}")
     if config is not None and "train_state" in state:
-        loop = state["train_state"]
-        samples, processes = meta.get("samples_into_epoch", 0), accelerator.num_processes
-        loop.batches_done = samples // (config.batch_size * processes)  # this run's micro-batches, per process
+        loop, samples = state["train_state"], meta.get("samples_into_epoch", 0)
+        loop.batches_done = samples // (config.batch_size * accelerator.num_processes)  # this run's, per process
         accelerator.step = loop.batches_done  # accumulate()'s count; a process new to the run has none saved
-        was = SimpleNamespace(**meta["config"])
-        old, new = _global_batch(was, meta["num_processes"]), _global_batch(config, processes)
-        if (meta["num_processes"], old) != (processes, new):
+        split = (accelerator.num_processes, config.batch_size, config.grad_accum_steps)
+        if split != (meta["num_processes"], meta["config"]["batch_size"], meta["config"]["grad_accum_steps"]):
             accelerator.print(
-                f"elastic resume: written by {meta['num_processes']} process(es), continued on {processes}; global "
-                f"batch {new:,} (--batch_size {config.batch_size} x {processes} x --grad_accum_steps "
-                f"{config.grad_accum_steps}){'' if new == old else f', was {old:,}: the LR schedule counts new steps'}"
-                f"; the epoch goes on from sample {samples:,}, each sample once; not bit-identical to an uninterrupted "
-                f"run (sums in another order)")
+                f"elastic resume: written by {meta['num_processes']} process(es), continued on {split[0]}; the global "
+                f"batch stays {_global_batch(config, split[0]):,} (--batch_size {split[1]} x {split[0]} x "
+                f"--grad_accum_steps {split[2]}); the epoch goes on from sample {samples:,}, each sample once; not "
+                f"bit-identical to an uninterrupted run (sums in another order)")
     return meta
 
 

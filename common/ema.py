@@ -68,7 +68,7 @@ class EMA:
     # run can resume on another number of processes; each process loads its own part.
     def state_dict(self) -> dict:
         return {"decay": self.decay, "num_updates": self.num_updates,
-                "shadow": [whole(p, avg).clone() for p, avg in zip(self.parameters, self.shadow)]}
+                "shadow": [whole(p, avg).to("cpu", copy=True) for p, avg in zip(self.parameters, self.shadow)]}
 
     def load_state_dict(self, state: dict) -> None:
         self.decay = state["decay"]

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_bad_input import snapshot  # every file under a folder with its bytes
 
 REPO = Path(__file__).resolve().parents[1]
 def free_port() -> int:
@@ -119,10 +120,18 @@ def test_two_processes_train_like_one_with_the_same_global_batch_under_ddp_and_f
     resumed = json.loads((out / "results.json").read_text())
     assert resumed["optimizer_steps"] == 15 and resumed["num_processes"] == 2
     assert [r["step"] for r in steps(out)] == list(range(1, 16))  # each step logged once, by one process
-    # An FSDP2 checkpoint cannot go on without FSDP (the formats differ): a clear error, nothing changed.
-    proc = run([sys.executable, "train_dual_task.py", *DUAL_COMMON, "--batch_size", "512", "--output_dir",
-                str(dual_runs / "fsdp"), "--resume_from", "latest", "--max_steps", "15"], expect_ok=False)
-    assert proc.returncode == 2 and "was written by an FSDP launch, this is a launch without FSDP" in proc.stderr
+    # An FSDP2 checkpoint cannot go on without FSDP (the formats differ), nor one on another global batch (its steps
+    # and LR schedule count 512 samples, here 256): one error line each, naming what fits, and nothing changed.
+    for source, batch, error in (
+            ("fsdp", "512", "was written by an FSDP launch, this is a launch without FSDP (one process or DDP); resume "
+                            "it with an FSDP launch (any number of processes)"),
+            ("two", "256", "this run's would be 256; its steps and LR schedule count that batch: keep it, e.g. "
+                           "--grad_accum_steps 2 with --batch_size 256")):
+        before = snapshot(dual_runs / source)
+        proc = run([sys.executable, "train_dual_task.py", *DUAL_COMMON, "--batch_size", batch, "--output_dir",
+                    str(dual_runs / source), "--resume_from", "latest"], expect_ok=False)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and error in proc.stderr
+        assert snapshot(dual_runs / source) == before
 
 
 def copy_run(source: Path, target: Path, up_to_step: int) -> Path:
@@ -391,7 +400,7 @@ def llava_args(model, data, *extra):
 
 
 LLAVA_EXTRA = ["--lora_vision_modules", "fc1", "--mixed_precision", "no", "--checkpoint_every", "1",
-               "--keep_checkpoints", "10"]
+               "--keep_checkpoints", "10", "--ema_decay", "0.5"]  # the adapter saved: the EMA of the best step
 
 
 @pytest.fixture(scope="module")
@@ -469,16 +478,18 @@ def test_llava_two_processes_train_like_one_with_the_same_global_batch_under_ddp
 
 def test_llava_resumes_on_another_number_of_processes_under_ddp_and_fsdp2(llava_inputs, llava_runs):
     """2 -> 1 and 1 -> 2 processes, under DDP and under FSDP2, keeping the global batch of 8, from mid-epoch
-    checkpoints: each goes on like the run that was never stopped. DDP 2 -> 1 keeps it by accumulating 2
-    micro-batches of 4: the epoch goes on after 4 of them, where the checkpoint's processes had taken 2 each."""
+    checkpoints: each goes on like the run that was never stopped, its EMA included. DDP 2 -> 1 keeps it by
+    accumulating 2 micro-batches of 4: the epoch goes on after 4 of them, where the checkpoint's processes had
+    taken 2 each. Last, a finished one-process FSDP2 run resumed on two: its best adapter (the EMA weights, not
+    the model's) is cut into two shards and gathered again for the adapter it saves."""
     model, data = llava_inputs
     root, fsdp_launch = llava_runs, [*launch(), "--config_file", "accelerate_configs/fsdp.yaml"]
-    for source, step, launcher, batch, processes in (
-            ("two", 2, [sys.executable], ["--batch_size", 4, "--grad_accum_steps", 2], 1),
-            ("one", 2, [*launch(), "--config_file", "accelerate_configs/ddp.yaml"], ["--batch_size", 4], 2),
-            ("fsdp", 1, [*fsdp_launch, "--num_processes", "1"], ["--batch_size", 8], 1),  # resharded by DCP
-            ("fsdp_to_1", 2, fsdp_launch, ["--batch_size", 4], 2)):  # from the checkpoint the run above wrote
-        name = f"{source}_to_{processes}"
+    for source, step, launcher, batch, processes, name in (
+            ("two", 2, [sys.executable], ["--batch_size", 4, "--grad_accum_steps", 2], 1, "two_to_1"),
+            ("one", 2, [*launch(), "--config_file", "accelerate_configs/ddp.yaml"], ["--batch_size", 4], 2, "one_to_2"),
+            ("fsdp", 1, [*fsdp_launch, "--num_processes", "1"], ["--batch_size", 8], 1, "fsdp_to_1"),  # DCP reshards
+            ("fsdp_to_1", 2, fsdp_launch, ["--batch_size", 4], 2, "fsdp_to_2"),  # a checkpoint the run above wrote
+            ("fsdp_to_1", 4, fsdp_launch, ["--batch_size", 4], 2, "finished_to_2")):
         out = copy_run(root / source, root / name, step)
         proc = run_recording_samples([*launcher, "train_llava.py", *llava_args(model, data, *LLAVA_EXTRA, *batch,
                                       "--output_dir", out, "--resume_from", "latest")], root / f"{name}_samples")

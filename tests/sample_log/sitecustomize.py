@@ -1,7 +1,7 @@
 """Test instrument, loaded by Python at start-up when this folder is on PYTHONPATH (tests/test_distributed.py puts
 it there for the runs whose training samples it checks): every batch of training samples a process fetches (with
-autograd on: evaluation runs under no_grad) is appended to $SAMPLE_LOG/rank<RANK>.jsonl. Batches that a resumed
-run skips are never fetched, so they are not recorded."""
+autograd on: evaluation runs under no_grad; the tests pass --num_workers 0) is appended to
+$SAMPLE_LOG/rank<RANK>.jsonl. Batches that a resumed run skips are never fetched, so they are not recorded."""
 
 import json
 import os
