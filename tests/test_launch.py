@@ -56,8 +56,9 @@ def test_a_folder_held_by_another_process_is_refused_by_name_until_a_kill_9_free
 
 def test_the_same_command_started_twice_runs_once_and_the_second_writes_nothing(tmp_path, small_cmapss):
     out = tmp_path / "run"
-    command = [sys.executable, "train_dual_task.py", "--data", f"{small_cmapss}/FD001", *SMALL, "--epochs", "50",
-               "--output_dir", str(out)]
+    # A run that cannot end by itself while the test runs (small data trains fast, and early stopping would end it).
+    command = [sys.executable, "train_dual_task.py", "--data", f"{small_cmapss}/FD001", *SMALL,
+               "--early_stopping_patience", "100000", "--epochs", "100000", "--output_dir", str(out)]
     first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
