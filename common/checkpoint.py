@@ -273,7 +273,6 @@ def check_checkpoint_fits(accelerator, path: Path, config=None) -> dict:
     if config is not None and "config" in meta:
         _check_global_batch(path, SimpleNamespace(**meta["config"]), meta["num_processes"], config,
                             accelerator.num_processes)
-    if config is not None and "config" in meta:
         for f in dataclasses.fields(config):
             saved, asked = meta["config"].get(f.name), getattr(config, f.name)
             if f.metadata.get("same_on_resume") and f.name in meta["config"] and saved != asked:

@@ -117,12 +117,17 @@ def confirm_output_dir_is_shared(accelerator, marker: Path, created: bool) -> No
                         f"{SHARED_FILESYSTEM_FIX}")
 
 
-def whole(param, local: torch.Tensor) -> torch.Tensor:
-    """`local`, laid out like `param` (under FSDP2 this process's shard of it), as the full tensor. Under FSDP2 it
-    is gathered from every process (a collective: every process calls it); otherwise it is `local` itself."""
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor this process holds: the local shard of a DTensor (FSDP2), the tensor itself otherwise."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def whole(param, shard: torch.Tensor) -> torch.Tensor:
+    """`shard`, laid out like `param` (under FSDP2 this process's shard of it), as the full tensor. Under FSDP2 it
+    is gathered from every process (a collective: every process calls it); otherwise it is `shard` itself."""
     if not isinstance(param, DTensor):
-        return local
-    return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False, shape=param.shape,
+        return shard
+    return DTensor.from_local(shard, param.device_mesh, param.placements, run_check=False, shape=param.shape,
                               stride=param.stride()).full_tensor()
 
 

@@ -10,12 +10,7 @@ from contextlib import contextmanager
 
 import torch
 
-from common.distributed import part_of, whole
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """The tensor this process holds: the local shard of a DTensor, the tensor itself otherwise."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+from common.distributed import local, part_of, whole
 
 
 class EMA:
@@ -30,7 +25,7 @@ class EMA:
         self.decay = decay
         self.warmup = warmup
         self.num_updates = 0
-        self.shadow = [_local(p).detach().clone().float() for p in self.parameters]
+        self.shadow = [local(p).detach().clone().float() for p in self.parameters]
 
     def current_decay(self) -> float:
         if not self.warmup:
@@ -40,29 +35,29 @@ class EMA:
     @torch.no_grad()
     def update(self) -> None:
         weight = 1.0 - self.current_decay()
-        local = [_local(p).detach() for p in self.parameters]
-        if any(t.dtype != torch.float32 for t in local):
-            local = [t.float() for t in local]
-        torch._foreach_lerp_(self.shadow, local, weight)
+        current = [local(p).detach() for p in self.parameters]
+        if any(t.dtype != torch.float32 for t in current):
+            current = [t.float() for t in current]
+        torch._foreach_lerp_(self.shadow, current, weight)
         self.num_updates += 1
 
     @torch.no_grad()
     def copy_to(self, parameters=None) -> None:
         """Overwrite the parameters with the averaged weights."""
         for p, avg in zip(parameters or self.parameters, self.shadow):
-            _local(p).copy_(avg)
+            local(p).copy_(avg)
 
     @contextmanager
     def swapped_in(self):
         """Evaluate with the averaged weights, then put the training weights back exactly."""
-        backup = [_local(p).detach().clone() for p in self.parameters]
+        backup = [local(p).detach().clone() for p in self.parameters]
         self.copy_to()
         try:
             yield
         finally:
             with torch.no_grad():
                 for p, saved in zip(self.parameters, backup):
-                    _local(p).copy_(saved)
+                    local(p).copy_(saved)
 
     # Saved in checkpoints as whole tensors (gathered from the shards: every process calls state_dict), so that a
     # run can resume on another number of processes; each process loads its own part.

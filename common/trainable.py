@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from common.distributed import part_of
+from common.distributed import local, part_of
 from common.run_log import replace_folder, write_json, writing
 
 
@@ -28,7 +28,7 @@ def restore_trainable(accelerator, model, weights: dict) -> None:
         raise RuntimeError(f"saved weights do not match the model's trainable ones: "
                            f"{sorted(weights.keys() ^ trainable.keys())[:3]}")
     for name, p in trainable.items() if weights else ():
-        (p.to_local() if hasattr(p, "to_local") else p).copy_(part_of(p, weights[name]))
+        local(p).copy_(part_of(p, weights[name]))
 
 
 def checkpoint_trainable_only(model) -> None:
