@@ -18,12 +18,9 @@ from accelerate import PartialState
 from safetensors.torch import load_file
 
 import train_dual_task as script  # the data and model parts the run was trained with
-from common.config import check_domains, parse_config, setting
-from common.domains import NON_EMPTY
+from common.config import NON_EMPTY, check_domains, parse_config, setting
 from common.errors import UserError, exit_on_user_error, first_line
-from common.launch import RUN_MARKER, check_output_file, lock_run_dir, release_run_dirs
-from common.runs import check_runs, write_predictions
-from common.windows import windows_per_unit
+from common.launch import RUN_MARKER, RunFolder, check_output_file
 
 
 @dataclass
@@ -66,22 +63,22 @@ def load_models(run_dir: Path) -> tuple[script.Config, list[tuple[dict, torch.nn
 def predict(cfg: Config) -> Path:
     """Write the RUL and health state of every unit in --data (averaged over a fold ensemble's models) as a CSV."""
     run_dir = Path(cfg.run_dir)
-    lock_run_dir(PartialState(), run_dir, "--run_dir")  # not while a run trains (or resumes) in that folder
-    trained, models = load_models(run_dir)
-    output = check_output_file(cfg.output or run_dir / "predictions.csv", cfg.overwrite, inputs=[cfg.data],
-                               flag="--output")
-    runs = check_runs(script.read_runs(trained, cfg.data))["predict"]
-    preds, probs = [], []
-    for prep, model in models:
-        features = script.apply_preprocessing(runs, prep)
-        x, _, units = windows_per_unit(features, runs.rul, runs.unit, prep["window"], last_only=True)
-        rul, health_logits = model(torch.from_numpy(x))
-        preds.append((rul * prep["rul_cap"]).clamp(0, prep["rul_cap"]))
-        probs.append(health_logits.softmax(-1))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    write_predictions(output, units, torch.stack(preds).mean(0), torch.stack(probs).mean(0))
-    print(f"RUL and health state of {len(units)} units of {runs.name} written to {output}")
-    release_run_dirs()
+    with RunFolder(PartialState(), run_dir, "--run_dir"):  # not while a run trains (or resumes) in that folder
+        trained, models = load_models(run_dir)
+        output = check_output_file(cfg.output or run_dir / "predictions.csv", cfg.overwrite, inputs=[cfg.data],
+                                   flag="--output")
+        runs = script.check_runs(script.read_runs(trained, cfg.data))["predict"]
+        preds = []
+        probs = []
+        for prep, model in models:
+            features = script.apply_preprocessing(runs, prep)
+            x, _, units = script.windows_per_unit(features, runs.rul, runs.unit, prep["window"], last_only=True)
+            rul, health_logits = model(torch.from_numpy(x))
+            preds.append((rul * prep["rul_cap"]).clamp(0, prep["rul_cap"]))
+            probs.append(health_logits.softmax(-1))
+        output.parent.mkdir(parents=True, exist_ok=True)
+        script.write_predictions(output, units, torch.stack(preds).mean(0), torch.stack(probs).mean(0))
+        print(f"RUL and health state of {len(units)} units of {runs.name} written to {output}")
     return output
 
 

@@ -13,12 +13,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import llava_models as vlm
 import train_llava as script  # the data, prompt and model parts the adapter was trained with
-from common import pretrained
-from common.config import check_domains, parse_config, setting
-from common.domains import NON_EMPTY, at_least, between
+from common.config import NON_EMPTY, between, check_domains, parse_config, setting
 from common.errors import UserError, exit_on_user_error, first_line, warn
-from common.launch import check_output_file, lock_run_dir, make_accelerator, release_run_dirs
+from common.launch import RunFolder, check_output_file, make_accelerator
 
 
 @dataclass
@@ -29,11 +28,11 @@ class Config:
     model: str | None = setting(None, "the base model (unset: the adapter's own base, from detector.json)", NON_EMPTY)
     allow_other_base: bool = setting(False, "load the adapter onto a --model of another type or size anyway")
     overwrite: bool = setting(False, "replace --output if it exists")
-    batch_size: int = setting(8, "screenshots per batch per process", at_least(1))
+    batch_size: int = setting(8, "screenshots per batch per process", between(1))
     num_workers: int = setting(2, "DataLoader worker processes that decode images", between(0, 256))
     num_threads: int = setting(0, "PyTorch CPU threads per process (0: PyTorch's default)", between(0, 1024))
     skip_bad_images: bool = setting(False, "skip unreadable images (p_yes null) instead of stopping")
-    model_dtype: str | None = setting(None, "the base's dtype (None: bf16 on a GPU)", choices=list(pretrained.DTYPES))
+    model_dtype: str | None = setting(None, "the base's dtype (None: bf16 on a GPU)", choices=list(script.DTYPES))
     mixed_precision: str | None = setting(None, "None: what accelerate launch set", choices=["no", "bf16", "fp16"])
 
     def __post_init__(self):
@@ -64,7 +63,7 @@ def base_difference(detector: dict, model_id: str) -> str | None:
     trained = detector.get("base_identity")
     if trained is None:  # an adapter saved before detector.json held the base's sizes: only the path can tell
         return None if model_id == detector["base_model"] else "path differs"
-    given = pretrained.base_identity(pretrained.check_pretrained(model_id))
+    given = vlm.base_identity(vlm.check_pretrained(model_id))
     return next((f"{key} is {given[key]!r}, not {value!r}" for key, value in trained.items()
                  if key in given and given[key] != value), None)
 
@@ -74,8 +73,8 @@ def load_trained(model_id: str, adapter_dir: Path, dtype):
     from peft import PeftModel
 
     detector = read_detector(adapter_dir)
-    pretrained.check_pretrained(model_id)
-    processor = pretrained.load_processor(str(adapter_dir))
+    vlm.check_pretrained(model_id)
+    processor = vlm.load_processor(str(adapter_dir))
     base = script.load_base(model_id, processor, dtype)
     try:
         model = PeftModel.from_pretrained(base, adapter_dir).eval()
@@ -85,38 +84,44 @@ def load_trained(model_id: str, adapter_dir: Path, dtype):
     return model, processor, detector
 
 
-def predict(cfg: Config) -> dict:
-    """Write {"path", "p_yes", "subset", "label"?} per image, from base + saved adapter; returns the scores."""
-    accelerator = make_accelerator(cfg.mixed_precision)
-    lock_run_dir(accelerator, Path(cfg.run_dir), "--run_dir")  # not while a run trains (or resumes) in that folder
-    adapter_dir = Path(cfg.run_dir) / "adapter"
-    detector = read_detector(adapter_dir)
+def choose_base(cfg: Config, accelerator, detector: dict, adapter_dir: Path) -> str:
+    """--model, or the adapter's own base (detector.json); one of another type or size only with --allow_other_base."""
     if cfg.model is None:
-        accelerator.print(f"base model {detector['base_model']}, from {adapter_dir / 'detector.json'} (--model to "
-                          f"load a copy from elsewhere)")
+        accelerator.print(f"base model {detector['base_model']}, from {adapter_dir / 'detector.json'} (--model to load "
+                          f"a copy from elsewhere)")
     base = cfg.model or detector["base_model"]
-    if (difference := base_difference(detector, base)) and not cfg.allow_other_base:
+    difference = base_difference(detector, base)
+    if difference and not cfg.allow_other_base:
         raise UserError(f"{base} is not the base model the adapter in {adapter_dir} was trained on "
                         f"({detector['base_model']}): its {difference}; drop --model to use the trained base, or pass "
                         f"--allow_other_base true to use this one anyway")
     if difference:
         warn(f"--allow_other_base: the adapter goes onto {base}, not the base it was trained on (its {difference})")
-    classes = (detector.get("negative_label", "benign"), detector.get("positive_label", "malicious"))  # as trained
-    output = check_output_file(cfg.output or Path(cfg.run_dir) / "predictions.jsonl", cfg.overwrite,
-                               inputs=[cfg.data], flag="--output")
-    samples, _ = script.load_samples(cfg.data, cfg.skip_bad_images, need_labels=False, classes=classes)
-    model, processor, detector = load_trained(base, adapter_dir, pretrained.base_dtype(cfg.model_dtype))
-    prompt = script.build_prompt(processor, detector["question"])
-    loader = script.make_loader(samples, processor, prompt, detector["resize"], cfg.batch_size, cfg.num_workers)
-    model, loader = accelerator.prepare(model, loader)
-    scored = script.score_images(model, loader, accelerator, detector["answer_ids"], cfg.skip_bad_images, set())
-    if accelerator.is_main_process:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        script.write_predictions(output, samples, scored)
-        print(f"P(Yes) for {len(scored['index'])} images written to {output}")
-    accelerator.wait_for_everyone()
-    release_run_dirs()
-    return scored
+    return base
+
+
+def predict(cfg: Config) -> dict:
+    """Write {"path", "p_yes", "subset", "label"?} per image, from base + saved adapter; returns the scores."""
+    accelerator = make_accelerator(cfg.mixed_precision)
+    with RunFolder(accelerator, cfg.run_dir, "--run_dir"):  # not while a run trains (or resumes) in that folder
+        adapter_dir = Path(cfg.run_dir) / "adapter"
+        detector = read_detector(adapter_dir)
+        base = choose_base(cfg, accelerator, detector, adapter_dir)
+        classes = (detector.get("negative_label", "benign"), detector.get("positive_label", "malicious"))  # trained
+        output = check_output_file(cfg.output or Path(cfg.run_dir) / "predictions.jsonl", cfg.overwrite,
+                                   inputs=[cfg.data], flag="--output")
+        samples, _ = script.load_samples(cfg.data, cfg.skip_bad_images, need_labels=False, classes=classes)
+        model, processor, detector = load_trained(base, adapter_dir, script.base_dtype(cfg.model_dtype))
+        prompt = script.build_prompt(processor, detector["question"])
+        loader = script.make_loader(samples, processor, prompt, detector["resize"], cfg.batch_size, cfg.num_workers)
+        model, loader = accelerator.prepare(model, loader)
+        scored = script.score_images(model, loader, accelerator, detector["answer_ids"], cfg.skip_bad_images, set())
+        if accelerator.is_main_process:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            script.write_predictions(output, samples, scored)
+            print(f"P(Yes) for {len(scored['index'])} images written to {output}")
+        accelerator.wait_for_everyone()
+        return scored
 
 
 def main(argv=None) -> dict:
@@ -125,7 +130,7 @@ def main(argv=None) -> dict:
         import torch
 
         torch.set_num_threads(cfg.num_threads)
-    pretrained.quiet_progress_bars()
+    vlm.quiet_progress_bars()
     return predict(cfg)
 
 

@@ -14,6 +14,8 @@ is scored once, at the end, with the best EMA weights: RMSE on each test unit's 
 Reading order: Config, data (only read_runs knows the C-MAPSS files), model, loss, train(), evaluate(), main().
 """
 
+import dataclasses
+import json
 import math
 import time
 import warnings
@@ -27,44 +29,45 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from common import cmapss
-from common.checkpoint import load_checkpoint, save_checkpoint, save_model_atomically
-from common.config import check_domains, parse_config, setting
-from common.distributed import fit_fsdp_wrapping
-from common.domains import ABOVE_ZERO, BELOW_ONE, FRACTION, NON_EMPTY, TRACKER, above, at_least, between
+from common.checkpoint import LoopState, load_checkpoint, save_checkpoint, save_model_atomically
+from common.config import ABOVE_ZERO, BELOW_ONE, FRACTION, KEEP, NON_EMPTY, RunConfig, between, setting
+from common.distributed import fit_fsdp_wrapping, gather_trainable, restore_trainable
 from common.ema import EMA
 from common.errors import NonFiniteTrainingError, UserError, exit_on_user_error
 from common.guard import NonFiniteGuard
-from common.launch import Run, exit_preempted, finish, make_accelerator, preflight, run_facts, start_run, warn_if_short
-from common.plots import plot_test_predictions, plot_training_curves
+from common.launch import RunFolder, exit_preempted, finish, make_accelerator, preflight, run_facts, start_run
 from common.preemption import Preemption
-from common.run_log import MetricsLog, RunningMean, peak_memory_mb, write_json
-from common.runs import Runs, check_inputs, check_runs, write_predictions
-from common.schedules import linear_warmup, milestone_factor, set_lr, set_weight_decay, warmup_cosine
-from common.trainable import gather_trainable, restore_trainable
-from common.windows import Split, cut_like_test, make_loader, smooth_per_unit, windows_per_unit
+from common.run_log import MetricsLog, Run, RunningMean, peak_memory_mb, write_atomic, write_json
+from common.schedules import linear_warmup, milestone_factor, set_lr, set_weight_decay, warmup_cosine, warn_if_short
 
 INFORMATIVE_SENSORS = [2, 3, 4, 7, 8, 9, 11, 12, 13, 14, 15, 17, 20, 21]
 PREDICT = "predict with python predict_dual_task.py --run_dir RUN --data FILE"  # once --mode predict here
 MOVED = dict.fromkeys(["mode", "predict_data", "predict_output"], PREDICT)
-KEEP = {"same_on_resume": True}  # a resumed run must keep these settings: the data, its split, the model's shape
 OPEN_FRACTION = between(0, 1, low_open=True, high_open=True)  # (0, 1)
 
 
 @dataclass
-class Config:  # every field is a --flag and a YAML key; what each means in depth: docs/dual_task.md#settings
+class Config(RunConfig):  # every field a --flag and a YAML key; in depth: docs/dual_task.md#settings
     # data: read_runs gives --data and --sensors their meaning (a reader of your own gives them yours)
-    data: str = setting("FD001", "C-MAPSS subset FD001-FD004 (data/cmapss), or <folder>/FD00x", NON_EMPTY, **KEEP)
-    sensors: list[int] = setting(INFORMATIVE_SENSORS, "sensor columns used as inputs, from 1", at_least(1), **KEEP)
-    window: int = setting(30, "cycles per input window", at_least(1), **KEEP)
-    rul_cap: int = setting(125, "piecewise-linear RUL cap (labels and the true test RUL)", between(1, 1e5), **KEEP)
-    val_fraction: float = setting(0.2, "share of training units held out for validation", OPEN_FRACTION, **KEEP)
-    folds: int = setting(1, "K models on unit-disjoint validation folds, tests averaged", between(1, 100), **KEEP)
+    data: str = setting("FD001", "C-MAPSS subset FD001-FD004 (data/cmapss), or <folder>/FD00x", NON_EMPTY,
+                        **KEEP)
+    sensors: list[int] = setting(INFORMATIVE_SENSORS, "sensor columns used as inputs, from 1", between(1),
+                                 **KEEP)
+    window: int = setting(30, "cycles per input window", between(1), **KEEP)
+    rul_cap: int = setting(125, "piecewise-linear RUL cap (labels and the true test RUL)", between(1, 1e5),
+                           **KEEP)
+    val_fraction: float = setting(0.2, "share of training units held out for validation", OPEN_FRACTION,
+                                  **KEEP)
+    folds: int = setting(1, "K models on unit-disjoint validation folds, tests averaged", between(1, 100),
+                         **KEEP)
     val_metric: str = setting("windows", "validation RMSE that picks: every window, or units cut like test units",
                               choices=["windows", "cut"], **KEEP)
-    val_cuts: int = setting(10, "cut points per validation unit for --val_metric cut", between(1, 1000), **KEEP)
-    health_thresholds: list[int] = setting([50, 15], "falling RUL thresholds of the health states", at_least(0), **KEEP)
-    smoothing: float = setting(0.05, "causal exponential smoothing, newest cycle's weight (0: off)", FRACTION, **KEEP)
+    val_cuts: int = setting(10, "cut points per validation unit for --val_metric cut", between(1, 1000),
+                            **KEEP)
+    health_thresholds: list[int] = setting([50, 15], "falling RUL thresholds of the health states", between(0),
+                                           **KEEP)
+    smoothing: float = setting(0.05, "causal exponential smoothing, newest cycle's weight (0: off)", FRACTION,
+                               **KEEP)
     per_condition_norm: bool = setting(True, "normalise per operating condition (FD002/FD004 have six)", **KEEP)
     cycle_feature: bool = setting(True, "add the cycle number as an input feature", **KEEP)
     phm08: bool = setting(True, "report the PHM08 score (C-MAPSS's asymmetric score; off for other data)")
@@ -75,45 +78,38 @@ class Config:  # every field is a --flag and a YAML key; what each means in dept
     gru_layers: int = setting(2, "bidirectional GRU layers", between(1, 8), **KEEP)
     dropout: float = setting(0.2, "dropout in the GRU and heads", BELOW_ONE)
     # loss
-    failure_weight: float = setting(1.0, "RUL MSE weight grows from 1 to 1+this as RUL goes to 0", between(0, 1000))
+    failure_weight: float = setting(1.0, "RUL MSE weight grows from 1 to 1+this as RUL goes to 0",
+                                    between(0, 1000))
     amnl_decay: float = setting(0.99, "decay of the averages that normalise each task loss", BELOW_ONE)
     rul_loss_weight: float = setting(0.5, "AMNL weight of the RUL task", FRACTION)
-    # optimisation
-    epochs: int = setting(20, "maximum training epochs", at_least(0))
-    max_steps: int = setting(0, "stop after this many optimizer steps (0: no limit)", at_least(0))
-    batch_size: int = setting(256, "windows per micro-batch per process", at_least(1))
-    grad_accum_steps: int = setting(1, "micro-batches per optimizer step", at_least(1))
+    # optimisation (the rest: RunConfig)
+    epochs: int = setting(20, "maximum training epochs", between(0))
+    batch_size: int = setting(256, "windows per micro-batch per process", between(1))
     lr: float = setting(1e-3, "peak learning rate (AdamW: above 1 is a typo)", ABOVE_ZERO)
     weight_decay: float = setting(1e-4, "AdamW weight decay (not on biases and norm weights)", between(0, 10))
-    wd_decay_epochs: list[int] = setting([100, 200], "epochs after which weight decay is multiplied...", at_least(0))
-    wd_decay_factors: list[float] = setting([0.5, 0.1], "...by these factors", at_least(0))
-    warmup_epochs: int = setting(3, "linear LR warmup from 0.1x to 1x over these epochs", at_least(0))
+    wd_decay_epochs: list[int] = setting([100, 200], "epochs after which weight decay is multiplied...",
+                                         between(0))
+    wd_decay_factors: list[float] = setting([0.5, 0.1], "...by these factors", between(0))
+    warmup_epochs: int = setting(3, "linear LR warmup from 0.1x to 1x over these epochs", between(0))
     scheduler: str = setting("cosine", "LR decay after warmup", choices=["cosine", "plateau"])
     min_lr_factor: float = setting(0.01, "lowest LR as a fraction of --lr", FRACTION)
     plateau_factor: float = setting(0.5, "plateau: multiply the LR by this...", ABOVE_ZERO)
-    plateau_patience: int = setting(5, "...after this many epochs without a better validation RMSE", at_least(0))
-    max_grad_norm: float = setting(1.0, "gradient clipping norm", above(0))
+    plateau_patience: int = setting(5, "...after this many epochs without a better validation RMSE", between(0))
     ema_decay: float = setting(0.995, "EMA decay of the weights used for evaluation", BELOW_ONE)
-    early_stopping_patience: int = setting(20, "stop after this many epochs without a better val RMSE", at_least(1))
-    mixed_precision: str | None = setting(None, "None: what accelerate launch set", choices=["no", "bf16", "fp16"])
-    nan_lr_backoff: float = setting(0.5, "first NaN/Inf update: fp32 from then on, base LR times this", ABOVE_ZERO)
-    max_nonfinite_in_a_row: int = setting(5, "stop after this many non-finite updates in a row in fp32", at_least(1))
-    # run
+    early_stopping_patience: int = setting(20, "stop after this many epochs without a better val RMSE",
+                                           between(1))
+    # run (the rest: RunConfig)
     output_dir: str = setting("runs/dual_task", "where checkpoints, metrics, plots and results go", NON_EMPTY)
-    overwrite: bool = setting(False, "replace the run in output_dir (once the new run has passed its checks)")
-    seed: int = setting(42, "seed for the split, the initialisation and the batch order", between(0, 2**32 - 1), **KEEP)
-    log_every: int = setting(50, "log (and check for NaN) every this many optimizer steps", at_least(1))
-    checkpoint_every: int = setting(0, "also checkpoint every this many steps (0: epoch ends only)", at_least(0))
-    keep_checkpoints: int = setting(2, "how many recent checkpoints to keep", at_least(1))
-    resume_from: str | None = setting(None, "'latest' or a checkpoint folder", NON_EMPTY)
-    report_to: str = setting("none", "Accelerate tracker: none, tensorboard, wandb, ...", TRACKER)
+    seed: int = setting(42, "seed of the split, the initialisation and the batch order", between(0, 2**32 - 1),
+                        **KEEP)
+    log_every: int = setting(50, "log (and check for NaN) every this many optimizer steps", between(1))
     num_threads: int = setting(1, "PyTorch CPU threads per process (0: PyTorch's default)", between(0, 1024))
 
     def __post_init__(self):  # every field in its domain, then the rules that tie fields together
-        check_domains(self)
+        super().__post_init__()
         if len(set(self.sensors)) != len(self.sensors) or not (self.sensors or self.cycle_feature):
-            raise UserError(f"--sensors {self.sensors} names a sensor twice, or none with --cycle_feature false (no "
-                            f"input at all); list each input sensor once")
+            raise UserError(f"--sensors {self.sensors} names a sensor twice, or none with --cycle_feature false "
+                            f"(no input at all); list each input sensor once")
         thresholds = self.health_thresholds
         if not thresholds or any(b >= a for a, b in zip([self.rul_cap, *thresholds], thresholds)):
             raise UserError(f"--health_thresholds {thresholds} must be one or more RULs below --rul_cap "
@@ -122,26 +118,78 @@ class Config:  # every field is a --flag and a YAML key; what each means in dept
             raise UserError(f"--wd_decay_epochs has {len(self.wd_decay_epochs)} entries and --wd_decay_factors "
                             f"{len(self.wd_decay_factors)}; give one factor per epoch")
         if self.folds > 1 and self.resume_from not in (None, "latest"):
-            raise UserError(f"--resume_from {self.resume_from} with --folds {self.folds}: each fold resumes from "
-                            f"its own newest checkpoint; pass --resume_from latest")
+            raise UserError(f"--resume_from {self.resume_from} with --folds {self.folds}: each fold resumes "
+                            f"from its own newest checkpoint; pass --resume_from latest")
 
 
 # ----------------------------------------------------------------------------------------------
 # Data, in parts that can be replaced one at a time (docs/dual_task.md#copy-and-edit):
-#   read_runs            the files -> Runs (common/runs.py), checked by check_runs whatever the reader
+#   read_runs            the files -> Runs, checked by check_runs whatever the reader
 #   validation_units     which units validate: split by unit, never by window
-#   fit_preprocessing    statistics from the training units only; saved beside the model (preprocessing.json)
+#   fit_preprocessing    statistics from the training units only; saved beside the model
 #   apply_preprocessing  normalise per operating condition, smooth, add the cycle number
-#   windows_per_unit     sliding windows to train on; the last window of each unit to test and predict
-#                        (common/windows.py, with the causal smoothing and the validation units cut like test units)
+#   windows_per_unit     sliding windows to train on; each unit's last one to test and predict
 # ----------------------------------------------------------------------------------------------
 
+SUBSETS = ["FD001", "FD002", "FD003", "FD004"]
+COLUMNS = 26  # a C-MAPSS row: unit, cycle, 3 operational settings, 21 sensors
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+@dataclass
+class Runs:
+    """Units observed cycle by cycle: a row per unit and cycle, each unit's rows together, in order."""
+
+    name: str  # what the data is, for the console and results.json
+    sensor_names: list[str]  # the columns of `sensors`
+    unit: np.ndarray  # (rows,) unit id, a whole number
+    cycle: np.ndarray  # (rows,) cycles run so far
+    condition: np.ndarray  # (rows,) operating condition: the normalisation is fitted per condition
+    sensors: np.ndarray  # (rows, sensors)
+    rul: np.ndarray  # (rows,) cycles left until failure; NaN where unknown (units to predict)
+    source: str = ""  # where the rows came from (a file), for error messages
+
+    def select(self, rows: np.ndarray) -> "Runs":
+        return dataclasses.replace(self, unit=self.unit[rows], cycle=self.cycle[rows],
+                                   condition=self.condition[rows], sensors=self.sensors[rows], rul=self.rul[rows])
+
+
+def shipped(path: Path) -> Path:
+    """`path`, or its gzip-compressed copy (as data/cmapss ships them) when only that exists."""
+    gz = Path(f"{path}.gz")
+    return gz if not path.is_file() and gz.is_file() else path
+
+
+def read_table(path: Path, columns: int = COLUMNS) -> np.ndarray:
+    """A whitespace-separated C-MAPSS file (.txt or .txt.gz) of finite numbers."""
+    if not path.is_file():
+        raise UserError(f"missing data file {path}; point --data at a folder with the C-MAPSS files")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "input contained no data": reported below
+            table = np.loadtxt(path, ndmin=2)
+    except (ValueError, EOFError, OSError) as err:
+        raise UserError(f"{path} is malformed ({err}); each row must be {columns} space-separated "
+                        f"numbers") from None
+    if table.size == 0 or table.shape[1] != columns:
+        found = "is empty" if table.size == 0 else f"has {table.shape[1]} columns, expected {columns}"
+        raise UserError(f"{path} {found}; restore the original C-MAPSS file")
+    if not np.isfinite(table).all():  # before anything computes with the rows
+        row = int(np.argwhere(~np.isfinite(table))[0, 0]) + 1
+        raise UserError(f"{path} row {row} holds NaN or Inf; fix or remove that row")
+    if columns == 1 and (table < 0).any():  # RUL_FD00x: cycles left, one row per test engine
+        row = int(np.argmax(table[:, 0] < 0)) + 1
+        raise UserError(f"{path} row {row} holds a negative RUL; restore the file")
+    return table
+
+
 def read_runs(cfg: Config, predict_file: str | None = None) -> dict[str, Runs]:
-    """C-MAPSS: {"train": engines run to failure, "test": engines stopped early, with the true RUL at the stop}, or
-    with `predict_file` {"predict": the engines of that one file, RUL unknown}. --data names the subset."""
-    folder, subset = Path(cfg.data).parent, Path(cfg.data).name
-    if subset not in cmapss.SUBSETS:
-        raise UserError(f"--data {cfg.data} names no C-MAPSS subset; pass one of {', '.join(cmapss.SUBSETS)} or "
+    """C-MAPSS: {"train": engines run to failure, "test": engines stopped early, with the true RUL at the
+    stop}, or with `predict_file` {"predict": that file's engines, RUL unknown}. --data names the subset."""
+    folder = Path(cfg.data).parent
+    subset = Path(cfg.data).name
+    if subset not in SUBSETS:
+        raise UserError(f"--data {cfg.data} names no C-MAPSS subset; pass one of {', '.join(SUBSETS)} or "
                         f"<folder>/FD00x for the files train_FD00x.txt, test_FD00x.txt and RUL_FD00x.txt there")
     if folder == Path("."):
         folder = Path(__file__).resolve().parent / "data" / "cmapss"  # the copy shipped with this repo
@@ -150,29 +198,63 @@ def read_runs(cfg: Config, predict_file: str | None = None) -> dict[str, Runs]:
     if missing := [s for s in cfg.sensors if s > 21]:
         raise UserError(f"--sensors {missing[0]} does not exist; C-MAPSS has sensors 1 to 21")
 
-    def runs(path, name: str, rul=cmapss.cycles_to_last) -> Runs:  # rul(table): each row's RUL
-        table = cmapss.read_table(Path(path))
-        return Runs(name, [f"sensor {s}" for s in cfg.sensors], table[:, 0], table[:, 1],
-                    cmapss.operating_condition(table), table[:, [4 + s for s in cfg.sensors]], rul(table), str(path))
-
-    if predict_file is not None:
-        return {"predict": runs(predict_file, f"{predict_file} (C-MAPSS format)", lambda t: np.full(len(t), np.nan))}
-    rul_at_stop = cmapss.read_table(cmapss.find_file(folder, f"RUL_{subset}.txt"), columns=1)[:, 0]
-
-    def test_rul(table):  # test engines stop early: RUL_FD00x gives the RUL at their last cycle; earlier rows count up
+    def runs(path: Path, name: str, rul_at_stop: np.ndarray | None) -> Runs:
+        table = read_table(path)
         units = np.unique(table[:, 0])
-        if len(rul_at_stop) != len(units):
+        last_cycle = np.array([table[table[:, 0] == u, 1].max() for u in units])
+        to_last = last_cycle[np.searchsorted(units, table[:, 0])] - table[:, 1]  # cycles to each unit's last row
+        if rul_at_stop is not None and len(rul_at_stop) != len(units):
             raise UserError(f"RUL_{subset} has {len(rul_at_stop)} rows for {len(units)} test engines; "
                             f"restore the original files")
-        return rul_at_stop[np.searchsorted(units, table[:, 0])] + cmapss.cycles_to_last(table)
+        rul = to_last if rul_at_stop is None else rul_at_stop[np.searchsorted(units, table[:, 0])] + to_last
+        settings = np.round(table[:, 2:5] * [1, 100, 1]).astype(np.int64)  # six set points, tightly clustered
+        condition = settings[:, 0] * 10**6 + settings[:, 1] * 10**3 + settings[:, 2]
+        return Runs(name, [f"sensor {s}" for s in cfg.sensors], table[:, 0], table[:, 1], condition,
+                    table[:, [4 + s for s in cfg.sensors]], rul, str(path))
 
-    train, test = (cmapss.find_file(folder, f"{split}_{subset}.txt") for split in ("train", "test"))
-    return {"train": runs(train, f"C-MAPSS {subset}"), "test": runs(test, f"C-MAPSS {subset}", test_rul)}
+    if predict_file is not None:
+        predict = runs(Path(predict_file), f"{predict_file} (C-MAPSS format)", None)
+        return {"predict": dataclasses.replace(predict, rul=np.full(len(predict.rul), np.nan))}
+    rul_at_stop = read_table(shipped(folder / f"RUL_{subset}.txt"), columns=1)[:, 0]
+    return {"train": runs(shipped(folder / f"train_{subset}.txt"), f"C-MAPSS {subset}", None),
+            "test": runs(shipped(folder / f"test_{subset}.txt"), f"C-MAPSS {subset}", rul_at_stop)}
+
+
+def check_runs(runs: dict[str, Runs]) -> dict[str, Runs]:
+    """Refuse, whichever reader made them, rows that break the layout, values that are not finite or beyond
+    float32, or (where the RUL is known: all but "predict") a negative RUL. Returns `runs`."""
+    for split, r in runs.items():
+        where = f"{r.source or r.name} ({split})"
+        if len(r.unit) == 0:
+            raise UserError(f"{where} holds no rows; check the data files")
+        lengths = {len(r.unit), len(r.cycle), len(r.condition), len(r.rul), r.sensors.shape[0]}
+        if len(lengths) > 1 or r.sensors.ndim != 2 or r.sensors.shape[1] != len(r.sensor_names):
+            raise UserError(f"{where}: the reader returned columns of different lengths or "
+                            f"{r.sensors.shape[-1]} sensor columns for {len(r.sensor_names)} names; fix read_runs")
+        columns = {"unit": r.unit, "cycle": r.cycle, "condition": r.condition,
+                   **dict(zip(r.sensor_names, r.sensors.T))} | ({"RUL": r.rul} if split != "predict" else {})
+        for column, values in columns.items():
+            if (bad := ~np.isfinite(values) | (np.abs(values) > FLOAT32_MAX)).any():
+                row = int(np.argmax(bad)) + 1
+                raise UserError(f"{where} row {row} holds NaN or Inf or a value beyond float32 "
+                                f"({values[row - 1]:g}) in {column}; fix or remove that row")
+        same_unit = r.unit[1:] == r.unit[:-1]
+        bad = np.r_[False, same_unit & (r.cycle[1:] <= r.cycle[:-1])]  # cycles rise within a unit
+        bad |= (r.unit != np.round(r.unit)) | (r.cycle < 0) | ((r.rul < 0) if split != "predict" else False)
+        starts = np.r_[0, np.nonzero(~same_unit)[0] + 1]
+        _, first_start = np.unique(r.unit[starts], return_index=True)
+        bad[np.delete(starts, first_start)] = True  # a unit whose rows are split in two
+        if bad.any():
+            row = int(np.argmax(bad)) + 1
+            raise UserError(f"{where} row {row} (unit {r.unit[row - 1]:g}, cycle {r.cycle[row - 1]:g}) breaks "
+                            f"the layout; each unit's rows together, whole unit numbers, cycles rising from 0 "
+                            f"or more, RUL 0 or more: fix the data or read_runs")
+    return runs
 
 
 def validation_units(units: np.ndarray, cfg: Config, fold: int) -> np.ndarray:
-    """The units held out for validation: a seeded share of them, or with --folds K fold `fold` of K disjoint ones.
-    By unit, never by window: the windows of one unit are strongly correlated."""
+    """The units held out for validation: a seeded share, or with --folds K fold `fold` of K disjoint
+    ones. By unit, never by window: the windows of one unit are strongly correlated."""
     order = np.random.default_rng(cfg.seed).permutation(units)
     if cfg.folds > 1:
         if cfg.folds > len(units):
@@ -181,36 +263,60 @@ def validation_units(units: np.ndarray, cfg: Config, fold: int) -> np.ndarray:
         return np.array_split(order, cfg.folds)[fold]
     n_val = max(1, round(cfg.val_fraction * len(units)))
     if n_val >= len(units):
-        raise UserError(f"the training data has {len(units)} unit(s) and --val_fraction {cfg.val_fraction:g} holds "
-                        f"out {n_val} for validation, leaving none to train on; lower --val_fraction or add units")
+        raise UserError(f"the training data has {len(units)} unit(s) and --val_fraction {cfg.val_fraction:g} "
+                        f"holds out {n_val} for validation, leaving none to train on; lower --val_fraction or "
+                        f"add units")
     return order[:n_val]
 
 
 def fit_preprocessing(train: Runs, cfg: Config) -> dict:
-    """Everything that turns raw rows into model inputs, fitted on the training units only, as plain JSON: it is
-    saved beside the model, so that predict_dual_task.py prepares new data exactly as the training data was."""
+    """What turns rows into model inputs, fitted on the training units only, as plain JSON: saved beside
+    the model, so that predict_dual_task.py prepares new data as the training data was."""
     conditions = train.condition if cfg.per_condition_norm else np.zeros_like(train.condition)
     stats = {}
     for c in np.unique(conditions):
         rows = train.sensors[conditions == c]
-        stats[str(c)] = {"mean": rows.mean(0).tolist(), "std": np.where(rows.std(0) > 1e-8, rows.std(0), 1.0).tolist()}
+        std = np.where(rows.std(0) > 1e-8, rows.std(0), 1.0)
+        stats[str(c)] = {"mean": rows.mean(0).tolist(), "std": std.tolist()}
+    kept = ("per_condition_norm", "smoothing", "cycle_feature", "window", "rul_cap", "health_thresholds")
     return {"data": train.name, "sensor_names": train.sensor_names, "sensor_stats": stats,
             "cycle_mean": float(train.cycle.mean()), "cycle_std": float(train.cycle.std()),
-            **{key: getattr(cfg, key) for key in ("per_condition_norm", "smoothing", "cycle_feature", "window",
-                                                  "rul_cap", "health_thresholds")}}
+            **{key: getattr(cfg, key) for key in kept}}
+
+
+def check_inputs(runs: Runs, features: np.ndarray) -> np.ndarray:
+    """Model inputs must be finite and within float32: a value far outside the training statistics (a sensor
+    in other units) is refused by name and row. Returns `features`."""
+    if (bad := ~np.isfinite(features) | (np.abs(features) > FLOAT32_MAX)).any():
+        row, column = (int(i) for i in np.argwhere(bad)[0])
+        name = (runs.sensor_names + ["cycle number"])[column]
+        raise UserError(f"{runs.source or runs.name} row {row + 1}: {name} becomes {features[row, column]:g} once "
+                        f"normalised by the training statistics, beyond what float32 holds; fix that row (a "
+                        f"unit or sentinel error?) or train on data like it")
+    return features
+
+
+def smooth_per_unit(features: np.ndarray, units: np.ndarray, alpha: float) -> np.ndarray:
+    """Causal exponential smoothing within each unit (s_t = a x_t + (1-a) s_t-1): less noise, no future."""
+    out = features.copy()
+    for t in range(1, len(out)):
+        if units[t] == units[t - 1]:
+            out[t] = alpha * features[t] + (1 - alpha) * out[t - 1]
+    return out
 
 
 def apply_preprocessing(runs: Runs, prep: dict) -> np.ndarray:
-    """(rows, features): the sensors normalised per operating condition, smoothed within each unit; the cycle."""
+    """(rows, features): sensors normalised per operating condition, smoothed within each unit; the cycle."""
     conditions = runs.condition if prep["per_condition_norm"] else np.zeros_like(runs.condition)
     features = np.empty(runs.sensors.shape)
     for c in np.unique(conditions):
         if str(c) not in prep["sensor_stats"]:
-            raise UserError(f"an operating condition of {runs.name} never occurs in the units trained on, so it cannot "
-                            f"be normalised; train with --per_condition_norm false")
+            raise UserError(f"an operating condition of {runs.name} never occurs in the units trained on, so it "
+                            f"cannot be normalised; train with --per_condition_norm false")
         stats = prep["sensor_stats"][str(c)]
-        features[conditions == c] = (runs.sensors[conditions == c] - np.array(stats["mean"])) / np.array(stats["std"])
-    check_inputs(runs, features)  # finite and within float32, or one line naming the column and row
+        rows = conditions == c
+        features[rows] = (runs.sensors[rows] - np.array(stats["mean"])) / np.array(stats["std"])
+    check_inputs(runs, features)  # before smoothing, which could hide an overflow
     if prep["smoothing"] > 0:
         features = smooth_per_unit(features, runs.unit, prep["smoothing"])
     if prep["cycle_feature"]:  # how long the unit has run is known at test time too
@@ -219,36 +325,96 @@ def apply_preprocessing(runs: Runs, prep: dict) -> np.ndarray:
     return check_inputs(runs, features)
 
 
+def windows_per_unit(features: np.ndarray, rul: np.ndarray, units: np.ndarray, window: int, last_only: bool):
+    """Sliding windows per unit (all, or each unit's last; a short unit is front-padded with its first
+    cycle): (windows, the RUL at each window's end, each window's unit)."""
+    xs, ys, ids = [], [], []
+    for unit in np.unique(units):
+        x = features[units == unit]
+        y = rul[units == unit]
+        if len(x) < window and not last_only:
+            raise UserError(f"training unit {int(unit)} has {len(x)} cycles, fewer than --window {window}; "
+                            f"lower --window or remove that unit")
+        if len(x) < window:
+            x = np.concatenate([np.repeat(x[:1], window - len(x), axis=0), x])
+        if last_only:
+            xs.append(x[None, -window:])
+            ys.append(y[-1:])
+        else:
+            xs.append(np.lib.stride_tricks.sliding_window_view(x, window, axis=0).transpose(0, 2, 1))
+            ys.append(y[window - 1:])
+        ids.append(np.full(len(ys[-1]), unit, dtype=np.int64))
+    return np.concatenate(xs).astype(np.float32), np.concatenate(ys).astype(np.float32), np.concatenate(ids)
+
+
+def cut_like_test(features: np.ndarray, rul: np.ndarray, units: np.ndarray, cuts: int, seed: int):
+    """Each validation unit cut at `cuts` seeded points, uniform from 20% of its life to one cycle before
+    failure (chosen in advance, not fitted to the test set); each cut is a new unit, scored like a test
+    unit: by its last window and the RUL at the cut."""
+    rng = np.random.default_rng([seed, 1])  # its own stream: the unit split does not move
+    parts = []
+    new_units = []
+    for unit in np.unique(units):
+        rows = np.nonzero(units == unit)[0]
+        low = max(1, math.ceil(0.2 * len(rows)))
+        for length in rng.integers(low, max(low, len(rows) - 1), size=cuts, endpoint=True):
+            parts.append(rows[:length])
+            new_units.append(np.full(length, len(new_units)))
+    keep = np.concatenate(parts)
+    return features[keep], rul[keep], np.concatenate(new_units)
+
+
 def health_state(rul: np.ndarray, thresholds: list[int]) -> np.ndarray:
-    """0 for RUL above the first threshold (healthy), one more for each threshold the RUL is at or below."""
+    """0 above the first threshold (healthy), one more for each threshold the RUL is at or below."""
     return (rul[:, None] <= np.array(thresholds)[None, :]).sum(1).astype(np.int64)
 
 
+@dataclass
+class Split(torch.utils.data.Dataset):
+    """Windows as tensors; `__getitems__` hands the DataLoader a whole batch by one index op."""
+
+    x: torch.Tensor  # (N, window, features) float32
+    rul: torch.Tensor  # (N,) float32, capped
+    health: torch.Tensor  # (N,) int64
+    unit: torch.Tensor  # (N,) the unit of each window
+
+    def __len__(self):
+        return len(self.rul)
+
+    def __getitems__(self, rows):
+        return self.x[rows], self.rul[rows], self.health[rows]
+
+
 def load_splits(cfg: Config, runs: dict[str, Runs], fold: int = 0) -> tuple[dict[str, Split], dict]:
-    """The parts wired together: train/val/val_cut/test windows as tensors, and the fitted preprocessing."""
-    train, test = runs["train"], runs["test"]
+    """The parts wired together: train/val/val_cut/test windows as tensors, and the preprocessing."""
+    train = runs["train"]
+    test = runs["test"]
     is_val = np.isin(train.unit, validation_units(np.unique(train.unit), cfg, fold))
     prep = fit_preprocessing(train.select(~is_val), cfg)
-    train_x, test_x = apply_preprocessing(train, prep), apply_preprocessing(test, prep)
-    train_rul, test_rul = np.minimum(train.rul, cfg.rul_cap), np.minimum(test.rul, cfg.rul_cap)
-    val_cut = cut_like_test(train_x[is_val], train_rul[is_val], train.unit[is_val], cfg.val_cuts, cfg.seed)
+    train_x = apply_preprocessing(train, prep)
+    train_rul = np.minimum(train.rul, cfg.rul_cap)
+    val = (train_x[is_val], train_rul[is_val], train.unit[is_val])
+    parts = {"train": ((train_x[~is_val], train_rul[~is_val], train.unit[~is_val]), False),
+             "val": (val, False),
+             "val_cut": (cut_like_test(*val, cfg.val_cuts, cfg.seed), True),  # validation scored like the test
+             "test": ((apply_preprocessing(test, prep), np.minimum(test.rul, cfg.rul_cap), test.unit), True)}
     splits = {}
-    for name, (x, rul, unit), last_only in [
-        ("train", (train_x[~is_val], train_rul[~is_val], train.unit[~is_val]), False),
-        ("val", (train_x[is_val], train_rul[is_val], train.unit[is_val]), False),
-        ("val_cut", val_cut, True),  # validation units scored like test units
-        ("test", (test_x, test_rul, test.unit), True),
-    ]:
+    for name, ((x, rul, unit), last_only) in parts.items():
         x, y, unit = windows_per_unit(x, rul, unit, cfg.window, last_only)
-        splits[name] = Split(torch.from_numpy(x), torch.from_numpy(y),
-                             torch.from_numpy(health_state(y, cfg.health_thresholds)), torch.from_numpy(unit))
+        health = health_state(y, cfg.health_thresholds)
+        splits[name] = Split(*(torch.from_numpy(a) for a in (x, y, health, unit)))
     return splits, prep
+
+
+def make_loader(split: Split, batch_size: int, shuffle: bool, seed: int):
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return torch.utils.data.DataLoader(split, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                                       collate_fn=lambda batch: batch)  # __getitems__ gives whole batches
 
 
 # ----------------------------------------------------------------------------------------------
 # Model: Conv1d over time -> bidirectional GRU -> attention pooling -> RUL head + health head
 # ----------------------------------------------------------------------------------------------
-
 
 # FSDP2 warns that the model returns a view (the squeezed RUL): an in-place op on it would skip a hook.
 # The loop never modifies the outputs in place, so the warning says nothing a user could act on.
@@ -258,22 +424,23 @@ warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a v
 class DualTaskNet(nn.Module):
     def __init__(self, num_features: int, cfg: Config):
         super().__init__()
-        c, h = cfg.conv_channels, cfg.hidden_size
-        self.conv = nn.Sequential(
-            nn.Conv1d(num_features, c, cfg.kernel_size, padding=cfg.kernel_size // 2), nn.GELU(),
-            nn.Conv1d(c, c, cfg.kernel_size, padding=cfg.kernel_size // 2), nn.GELU(),
-        )
+        c = cfg.conv_channels
+        h = cfg.hidden_size
+        k = cfg.kernel_size
+        self.conv = nn.Sequential(nn.Conv1d(num_features, c, k, padding=k // 2), nn.GELU(),
+                                  nn.Conv1d(c, c, k, padding=k // 2), nn.GELU())
         self.gru = nn.GRU(c, h, num_layers=cfg.gru_layers, batch_first=True, bidirectional=True,
                           dropout=cfg.dropout if cfg.gru_layers > 1 else 0.0)
         self.norm = nn.LayerNorm(2 * h)
-        # No bias: softmax over time ignores a constant, so its gradient is zero, and AdamW would turn that into
-        # steps of size lr driven by rounding noise (runs on 1 and 2 processes then drift apart).
+        # No bias: softmax over time ignores a constant, so its gradient is zero, and AdamW would turn that
+        # into lr-sized steps driven by rounding noise (runs on 1 and 2 processes would drift apart).
         self.attention = nn.Linear(2 * h, 1, bias=False)
-        # Both heads see the attention-pooled summary and the last time step (the most recent state).
-        def head(outputs):
+
+        def head(outputs):  # both heads see the attention-pooled summary and the last time step
             return nn.Sequential(nn.Linear(4 * h, h), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(h, outputs))
 
-        self.rul_head, self.health_head = head(1), head(len(cfg.health_thresholds) + 1)  # RUL, one logit per state
+        self.rul_head = head(1)
+        self.health_head = head(len(cfg.health_thresholds) + 1)  # one logit per health state
 
     def forward(self, x):  # x: (batch, time, features)
         z = self.conv(x.transpose(1, 2)).transpose(1, 2)
@@ -288,10 +455,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """No weight decay on biases and norm weights (1-D tensors): decaying them only hurts."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return [
-        {"params": decay, "weight_decay": weight_decay, "base_weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0, "base_weight_decay": 0.0},
-    ]
+    return [{"params": decay, "weight_decay": weight_decay, "base_weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0, "base_weight_decay": 0.0}]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -312,8 +477,8 @@ class AMNLLoss:
         self.decay = cfg.amnl_decay
         self.rul_weight = cfg.rul_loss_weight
         self.failure_weight = cfg.failure_weight
-        self.averages = torch.zeros(2, device=device)  # [rul, health], bias-corrected by the number of updates:
-        self.updates = torch.zeros(2, device=device)  # only finite losses count: a skipped one changes neither
+        self.averages = torch.zeros(2, device=device)  # [rul, health], bias-corrected by the count of
+        self.updates = torch.zeros(2, device=device)  # finite losses: a skipped one changes neither
 
     def __call__(self, rul_pred, rul_true, health_logits, health_true):
         # MSE weighted towards failure: errors near the end of life matter most (and cost most in PHM08).
@@ -346,37 +511,35 @@ class AMNLLoss:
 
 
 @dataclass
-class TrainState:
-    """Everything the loop needs to continue after a restart, beyond model/optimizer/RNG (saved as a dataclass)."""
+class TrainState(LoopState):
+    """What the loop needs to continue after a restart, beyond model, optimizer and RNG."""
 
-    step: int = 0  # optimizer steps done
-    epoch: int = 0  # epochs completed
-    batches_done: int = 0  # micro-batches consumed in the current epoch
     best_val_rmse: float = math.inf
     best_epoch: int = -1
     epochs_since_best: int = 0
-    plateau_best: float = math.inf  # ReduceLROnPlateau, written out: stateless except for these
+    plateau_best: float = math.inf  # ReduceLROnPlateau, written out: stateless but for these
     plateau_bad_epochs: int = 0
     plateau_factor: float = 1.0
-    train_samples: int = 0  # over finished epochs, all processes: for the throughput in results.json
-    train_seconds: float = 0.0
     best_weights: dict = field(default_factory=dict)  # EMA weights at the best epoch, whole (not sharded)
 
 
-def lr_at(step: int, cfg: Config, state: TrainState, steps_per_epoch: int, total_steps: int, lr_scale: float) -> float:
+def lr_at(step: int, cfg: Config, state: TrainState, steps_per_epoch: int, total_steps: int,
+          lr_scale: float) -> float:
     """Base LR x backoff x schedule. Warmup goes from 0.1x to 1x; then cosine, or the plateau factor."""
     warmup_steps = cfg.warmup_epochs * steps_per_epoch
     if cfg.scheduler == "cosine":
         factor = warmup_cosine(step, warmup_steps, total_steps, start_factor=0.1, final_factor=cfg.min_lr_factor)
     else:
-        factor = linear_warmup(step, warmup_steps, start_factor=0.1) * max(state.plateau_factor, cfg.min_lr_factor)
+        plateau = max(state.plateau_factor, cfg.min_lr_factor)
+        factor = linear_warmup(step, warmup_steps, start_factor=0.1) * plateau
     return cfg.lr * lr_scale * factor
 
 
 def step_plateau(state: TrainState, val_rmse: float, cfg: Config) -> None:
-    """ReduceLROnPlateau (mode min): multiply the LR factor by `plateau_factor` after `plateau_patience` bad epochs."""
+    """ReduceLROnPlateau (mode min): the LR factor times --plateau_factor after --plateau_patience bad epochs."""
     if val_rmse < state.plateau_best:
-        state.plateau_best, state.plateau_bad_epochs = val_rmse, 0
+        state.plateau_best = val_rmse
+        state.plateau_bad_epochs = 0
         return
     state.plateau_bad_epochs += 1
     if state.plateau_bad_epochs > cfg.plateau_patience:
@@ -385,10 +548,10 @@ def step_plateau(state: TrainState, val_rmse: float, cfg: Config) -> None:
 
 
 def train(cfg, accelerator, model, optimizer, loaders, loss_fn, ema, guard, state: TrainState, run: Run) -> bool:
-    """Train until --epochs, --max_steps or early stopping; True if a signal stopped it (a checkpoint is saved)."""
+    """Train until --epochs, --max_steps or early stopping; True if a signal stopped it (checkpoint saved)."""
     steps_per_epoch = math.ceil(len(loaders["train"]) / cfg.grad_accum_steps)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    checkpointed = {"train_state": state, "ema": ema, "guard": guard, "amnl": loss_fn}
+    objects = {"ema": ema, "guard": guard, "amnl": loss_fn}  # checkpointed beside the loop's state
     warn_if_short(total_steps, steps_per_epoch, cfg.max_steps, "the test set is scored with the initial weights",
                   "no validation runs, and the test set is scored with the last EMA weights")
 
@@ -400,15 +563,17 @@ def train(cfg, accelerator, model, optimizer, loaders, loss_fn, ema, guard, stat
         return state.epoch >= cfg.epochs or state.step >= total_steps or stopped_early
 
     set_lr(optimizer, current_lr())
-    # The bar shows on the main process's terminal (disable=None: tqdm hides it when the output is not a terminal).
+    # The bar shows on the main process's terminal (disable=None: hidden when not a terminal).
     bar = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_local_main_process or None)
     running = RunningMean(3, accelerator.device)  # total, RUL and health loss since the last log line
     done = preempted = False
     while not done and not finished():
-        epoch_start, samples = time.perf_counter(), 0
+        epoch_start = time.perf_counter()
+        samples = 0
         loaders["train"].set_epoch(state.epoch)  # a different, reproducible shuffle every epoch
-        batches = loaders["train"] if not state.batches_done else \
-            accelerator.skip_first_batches(loaders["train"], state.batches_done)  # resumed mid-epoch
+        batches = loaders["train"]
+        if state.batches_done:  # resumed mid-epoch
+            batches = accelerator.skip_first_batches(batches, state.batches_done)
         set_weight_decay(optimizer, milestone_factor(state.epoch, cfg.wd_decay_epochs, cfg.wd_decay_factors))
         model.train()
         for x, rul, health in batches:
@@ -432,7 +597,8 @@ def train(cfg, accelerator, model, optimizer, loaders, loss_fn, ema, guard, stat
             state.step += 1
             ema.update()
             bar.update(1)
-            if state.step % cfg.log_every == 0:
+            log_step = state.step % cfg.log_every == 0
+            if log_step:
                 mean = running.pop_mean(accelerator)  # the only per-interval sync
                 guard.poll(state.step)  # a NaN/Inf since the last log: fp32 from here on
                 lr = optimizer.param_groups[0]["lr"]
@@ -440,11 +606,11 @@ def train(cfg, accelerator, model, optimizer, loaders, loss_fn, ema, guard, stat
                              "train/grad_norm": grad_norm.item(), "train/lr": lr}, state.step)
                 bar.set_postfix(loss=f"{mean[0]:.3f}", lr=f"{lr:.2e}")
             set_lr(optimizer, current_lr())
-            preempted = run.preemption.should_stop(accelerator, at_sync_point=state.step % cfg.log_every == 0)
+            preempted = run.preemption.should_stop(accelerator, at_sync_point=log_step)
             done = preempted or state.step >= total_steps
-            mid_epoch = state.batches_done < len(loaders["train"])  # at an epoch's end, its own checkpoint follows
+            mid_epoch = state.batches_done < len(loaders["train"])  # an epoch's end has its own checkpoint
             if mid_epoch and (done or cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0):
-                save_checkpoint(accelerator, run.dir, state.step, checkpointed, cfg.keep_checkpoints, config=cfg)
+                save_checkpoint(accelerator, run.dir, state, objects, cfg)
             if done:
                 break
         if done and state.batches_done < len(loaders["train"]):
@@ -453,31 +619,35 @@ def train(cfg, accelerator, model, optimizer, loaders, loss_fn, ema, guard, stat
         # End of epoch: validate with the EMA weights, then best weights, early stopping, plateau.
         guard.poll(state.step)
         seconds = time.perf_counter() - epoch_start
-        state.train_samples, state.train_seconds = state.train_samples + samples, state.train_seconds + seconds
+        state.train_samples += samples
+        state.train_seconds += seconds
         with ema.swapped_in():
-            val = {metric: evaluate(model, loaders[name], accelerator, cfg.rul_cap)
-                   for metric, name in (("windows", "val"), ("cut", "val_cut"))}
-            selected = val[cfg.val_metric]["rmse"]  # --val_metric: the one score that picks, stops and schedules
+            val = {"windows": evaluate(model, loaders["val"], accelerator, cfg.rul_cap),
+                   "cut": evaluate(model, loaders["val_cut"], accelerator, cfg.rul_cap)}
+            selected = val[cfg.val_metric]["rmse"]  # --val_metric: the score that picks, stops and schedules
             improved = selected < state.best_val_rmse
             if improved:
-                state.best_weights = gather_trainable(accelerator, model)  # whole: restorable on any processes
-        state.epoch, state.batches_done = state.epoch + 1, 0
+                state.best_weights = gather_trainable(accelerator, model)  # whole: restorable anywhere
+        state.epoch += 1
+        state.batches_done = 0
         state.epochs_since_best = 0 if improved else state.epochs_since_best + 1
         if improved:
-            state.best_val_rmse, state.best_epoch = selected, state.epoch
+            state.best_val_rmse = selected
+            state.best_epoch = state.epoch
         if cfg.scheduler == "plateau" and state.step >= cfg.warmup_epochs * steps_per_epoch:
             step_plateau(state, selected, cfg)
             set_lr(optimizer, current_lr())
-        speed, lr = samples / seconds, optimizer.param_groups[0]["lr"]
+        speed = samples / seconds
+        lr = optimizer.param_groups[0]["lr"]
         memory = peak_memory_mb(accelerator.device)
         run.log.log({"epoch": state.epoch, "val/rmse": val["windows"]["rmse"], "val/rmse_cut": val["cut"]["rmse"],
                      "val/health_accuracy": val["windows"]["health_accuracy"], "train/samples_per_second": speed,
                      "peak_memory_mb": memory, "train/lr": lr}, state.step)
         accelerator.print(f"epoch {state.epoch:3d} | val RMSE {val['windows']['rmse']:6.2f} cut "
                           f"{val['cut']['rmse']:6.2f} health acc {val['windows']['health_accuracy']:.3f} | best "
-                          f"{state.best_val_rmse:6.2f} @ {state.best_epoch} | lr {lr:.2e} | {speed:,.0f} samples/s | "
-                          f"{memory:,.0f} MB", flush=True)
-        save_checkpoint(accelerator, run.dir, state.step, checkpointed, cfg.keep_checkpoints, best=improved, config=cfg)
+                          f"{state.best_val_rmse:6.2f} @ {state.best_epoch} | lr {lr:.2e} | {speed:,.0f} "
+                          f"samples/s | {memory:,.0f} MB", flush=True)
+        save_checkpoint(accelerator, run.dir, state, objects, cfg, best=improved)
         if state.epochs_since_best >= cfg.early_stopping_patience:
             accelerator.print(f"early stopping: no better validation RMSE for {cfg.early_stopping_patience} epochs")
     bar.close()
@@ -497,43 +667,126 @@ def evaluate(model, loader, accelerator, rul_cap: int) -> dict:
     for x, rul, health in loader:
         with accelerator.autocast():
             rul_pred, health_logits = model(x)
-        parts.append(accelerator.gather_for_metrics((rul_pred.float(), rul, health_logits.float().softmax(-1), health)))
+        prob = health_logits.float().softmax(-1)
+        parts.append(accelerator.gather_for_metrics((rul_pred.float(), rul, prob, health)))
     model.train()
     pred, true, prob, health = (torch.cat([p[i] for p in parts]).cpu() for i in range(4))
     pred = (pred * rul_cap).clamp(0, rul_cap)  # the model predicts RUL / cap
-    if not torch.isfinite(pred).all():  # weights that overflowed: no result is better than a meaningless one
+    if not torch.isfinite(pred).all():  # weights that overflowed: no result beats a meaningless one
         raise NonFiniteTrainingError("the model's predictions are not finite (its weights diverged); lower --lr, "
                                      "then resume from a checkpoint before the divergence or start again")
     return prediction_scores(pred, true, prob, health)
 
 
-def prediction_scores(pred: torch.Tensor, true: torch.Tensor, health_prob: torch.Tensor, health: torch.Tensor) -> dict:
-    """RMSE in cycles and health accuracy, with the predictions they came from (a fold ensemble averages those)."""
+def prediction_scores(pred, true, health_prob, health) -> dict:
+    """RMSE in cycles and health accuracy, with the predictions (a fold ensemble averages those)."""
     return {"rmse": torch.sqrt(((pred - true) ** 2).mean()).item(),
-            "health_accuracy": (health_prob.argmax(-1) == health).float().mean().item(), "num_samples": len(true),
-            "pred": pred, "true": true, "health_prob": health_prob, "health": health}
+            "health_accuracy": (health_prob.argmax(-1) == health).float().mean().item(),
+            "num_samples": len(true), "pred": pred, "true": true, "health_prob": health_prob, "health": health}
+
+
+def phm08_score(pred: torch.Tensor, true: torch.Tensor) -> float | None:
+    """PHM08 challenge score: late predictions (d > 0) cost more than early ones. None when it overflows float64
+    (a prediction some 7,000 cycles late: possible with a large --rul_cap and a model that has not learned)."""
+    d = (pred - true).double()
+    score = torch.where(d < 0, torch.exp(-d / 13) - 1, torch.exp(d / 10) - 1).sum().item()
+    return score if math.isfinite(score) else None
 
 
 def test_results(scores: dict, cfg: Config) -> dict:
-    """The test set's numbers for results.json: prediction_scores' and the PHM08 score (--phm08)."""
-    score = cmapss.phm08_score(scores["pred"], scores["true"]) if cfg.phm08 else None
-    return {"test_rmse": scores["rmse"], "test_score": score, "test_health_accuracy": scores["health_accuracy"],
-            "test_units": scores["num_samples"]}
+    """The test set's numbers for results.json: prediction_scores' and PHM08 (--phm08)."""
+    return {"test_rmse": scores["rmse"], "test_score": phm08_score(scores["pred"], scores["true"]) if cfg.phm08
+            else None, "test_health_accuracy": scores["health_accuracy"], "test_units": scores["num_samples"]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs: results, per-unit predictions and plots (main process only)
+# ----------------------------------------------------------------------------------------------
+
+
+def write_predictions(path: Path, units, pred, health_prob, true=None) -> None:
+    """CSV, a row per unit: predicted RUL, the likeliest health state, each state's probability (and the
+    true RUL where known)."""
+    header = ["unit", "rul", "health_state", *[f"p_state_{k}" for k in range(health_prob.shape[1])]]
+    rows = [[int(u), f"{r:.4f}", int(p.argmax()), *[f"{q:.6f}" for q in p.tolist()]]
+            for u, r, p in zip(units, pred.tolist(), health_prob)]
+    if true is not None:
+        header.append("true_rul")
+        rows = [row + [f"{t:g}"] for row, t in zip(rows, true.tolist())]
+    write_atomic(path, "\n".join(",".join(map(str, row)) for row in [header, *rows]) + "\n")
+
+
+def pyplot():
+    import matplotlib  # here: only the main process plots, at the very end
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_training_curves(run_dir: Path, rul_cap: int) -> None:
+    """run_dir/training_curves.png: the task losses, both validation RMSEs and the LR, by step."""
+    plt = pyplot()
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines if line]
+    steps = [r for r in records if "train/rul_loss" in r]
+    epochs = [r for r in records if "val/rmse" in r]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    # The task losses, not the AMNL total: that divides each loss by its own falling average, so it hovers
+    # near 1 and rises as the model learns, which reads as divergence. The RUL loss in cycles, beside
+    # validation.
+    rul_loss = [math.sqrt(max(r["train/rul_loss"], 0)) * rul_cap for r in steps]
+    axes[0].plot([r["step"] for r in steps], rul_loss, label="training: √(failure-weighted MSE)")
+    axes[0].plot([r["step"] for r in epochs], [r["val/rmse"] for r in epochs], "o-",
+                 label="validation RMSE, all windows")
+    axes[0].plot([r["step"] for r in epochs], [r["val/rmse_cut"] for r in epochs], "s-",
+                 label="validation RMSE, cut like test")
+    axes[0].set(title="RUL error (validation: EMA weights)", xlabel="optimizer step", ylabel="cycles")
+    axes[0].legend()
+    axes[1].plot([r["step"] for r in steps], [r["train/health_loss"] for r in steps], label="health cross-entropy")
+    axes[1].set(title="health-state loss", xlabel="optimizer step", ylabel="cross-entropy")
+    total = axes[1].twinx()
+    total.plot([r["step"] for r in steps], [r["train/loss"] for r in steps], color="0.7", linewidth=0.8)
+    total.set_ylabel("AMNL total (about 1 by construction)", color="0.5")
+    with_lr = [r for r in records if "train/lr" in r]
+    axes[2].plot([r["step"] for r in with_lr], [r["train/lr"] for r in with_lr])
+    axes[2].set(title="learning rate", xlabel="optimizer step")
+    fig.tight_layout()
+    fig.savefig(run_dir / "training_curves.png", dpi=100)
+    plt.close(fig)
+
+
+def plot_test_predictions(path: Path, pred, true, rmse: float, score: float | None) -> None:
+    """Each test unit's predicted RUL against the true one, units sorted by the true RUL."""
+    plt = pyplot()
+    order = torch.argsort(true)
+    fig, ax = plt.subplots(figsize=(10, 4))
+    ax.plot(true[order], "k-", label="true RUL (capped)")
+    ax.plot(pred[order], "o", markersize=3, label="predicted RUL")
+    phm08 = f", PHM08 score {score:.0f}" if score is not None else ""
+    ax.set(title=f"test units, last cycle: RMSE {rmse:.2f}{phm08}", xlabel="test unit (sorted by true RUL)",
+           ylabel="cycles")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def write_test_outputs(run_dir: Path, test: dict, results: dict, units, label: str, picked: str = "") -> None:
-    """results.json, test_predictions.csv and .png, and one console line (main process only)."""
+    """results.json, test_predictions.csv and .png, and one console line."""
     write_json(run_dir / "results.json", results)
     write_predictions(run_dir / "test_predictions.csv", units, test["pred"], test["health_prob"], test["true"])
     plot_test_predictions(run_dir / "test_predictions.png", test["pred"], test["true"], results["test_rmse"],
                           results["test_score"])
     score = f" | PHM08 score {results['test_score']:.1f}" if results["test_score"] is not None else ""
-    print(f"{label}test RMSE {results['test_rmse']:.2f}{score} | health accuracy {results['test_health_accuracy']:.3f}"
-          f"{picked} | {results['wall_seconds']:.0f} s | results in {run_dir / 'results.json'}")
+    print(f"{label}test RMSE {results['test_rmse']:.2f}{score} | health accuracy "
+          f"{results['test_health_accuracy']:.3f}{picked} | {results['wall_seconds']:.0f} s | results in "
+          f"{run_dir / 'results.json'}")
 
 
 # ----------------------------------------------------------------------------------------------
-# main: check every input, then fit each fold's model (train, restore the best weights, test once), then average
+# main: check every input, then fit each fold's model (train, restore the best weights, test once), average
 # ----------------------------------------------------------------------------------------------
 
 RUN_OUTPUTS = ["config.yaml", "results.json", "metrics.jsonl", "model.safetensors", "preprocessing.json", "fold_*",
@@ -547,11 +800,14 @@ def run_dirs(cfg: Config) -> list[Path]:
     return [output_dir] if cfg.folds == 1 else [output_dir / f"fold_{k}" for k in range(1, cfg.folds + 1)]
 
 
-def fit_one(cfg, accelerator, fold: int, splits: dict, prep: dict, resume_paths: list, preemption, started: float):
-    """Train fold `fold`'s model (validated on its own units), restore its best weights, test it once, save it.
-    Returns its results and its test predictions."""
-    run_dir, resume_path = run_dirs(cfg)[fold], resume_paths[fold]
-    set_seed(cfg.seed + fold)  # each fold's initialisation, whatever ran before it (a resumed run skips folds)
+def fit_one(cfg, accelerator, fold: int, data: tuple[dict, dict], resume_paths: list, folder: RunFolder,
+            preemption: Preemption, started: float):
+    """Train fold `fold`'s model (validated on its own units), restore its best weights, test it once, save
+    it. Returns its results and its test predictions."""
+    splits, prep = data
+    run_dir = run_dirs(cfg)[fold]
+    resume_path = resume_paths[fold]
+    set_seed(cfg.seed + fold)  # each fold's initialisation, whatever ran before (a resumed run skips folds)
     loaders = {name: make_loader(splits[name], cfg.batch_size * (1 if name == "train" else 4), name == "train",
                                  cfg.seed) for name in ("train", "val", "val_cut", "test")}
     model = DualTaskNet(num_features=splits["train"].x.shape[-1], cfg=cfg)
@@ -564,42 +820,48 @@ def fit_one(cfg, accelerator, fold: int, splits: dict, prep: dict, resume_paths:
     guard = NonFiniteGuard(accelerator, model, optimizer, cfg.nan_lr_backoff, cfg.max_nonfinite_in_a_row)
     state = TrainState()
     if resume_path is not None:  # the same objects that train() checkpoints
-        load_checkpoint(accelerator, resume_path, {"train_state": state, "ema": ema, "guard": guard, "amnl": loss_fn},
-                        config=cfg)
-    if fold == 0:  # every check has passed: from here on the run writes (an --overwrite'n run's outputs go now)
-        start_run(accelerator, cfg, RUN_OUTPUTS, fresh=not any(resume_paths), project="dual_task")
+        load_checkpoint(accelerator, resume_path, state, {"ema": ema, "guard": guard, "amnl": loss_fn}, cfg)
+    if fold == 0:  # every check has passed: from here on the run writes (an --overwrite'n run's outputs go)
+        start_run(accelerator, cfg, folder, RUN_OUTPUTS, fresh=not any(resume_paths), project="dual_task")
+    run = Run(run_dir, MetricsLog(accelerator, run_dir, step_offset=state.step if resume_path else None),
+              preemption)
     val_units = sorted(int(u) for u in splits["val"].unit.unique())
     if cfg.folds > 1:
         accelerator.print(f"fold {fold + 1}/{cfg.folds}: validation units {val_units}")
-    run = Run(run_dir, MetricsLog(accelerator, run_dir, step_offset=state.step if resume_path else None), preemption)
     if train(cfg, accelerator, model, optimizer, loaders, loss_fn, ema, guard, state, run):
         exit_preempted(accelerator, state.step)
 
     # The best EMA weights, chosen on validation, are evaluated on the test set once.
     if not state.best_weights:
         ema.copy_to()  # no epoch finished (e.g. a tiny --max_steps): use the current EMA weights
-    restore_trainable(accelerator, model, state.best_weights)  # the best on validation (none: nothing to restore)
+    restore_trainable(accelerator, model, state.best_weights)  # the best on validation (none: nothing to do)
     test = evaluate(model, loaders["test"], accelerator, cfg.rul_cap)
-    save_model_atomically(accelerator, model, run_dir)  # -> run_dir/model.safetensors
+    save_model_atomically(accelerator, model, run.dir)  # -> model.safetensors
     best = state.best_val_rmse if state.best_epoch >= 0 else None
-    results = {"data": prep["data"], **test_results(test, cfg), "val_metric": cfg.val_metric, "best_val_rmse": best,
-               "best_epoch": state.best_epoch, **run_facts(accelerator, state, guard, cfg.seed, started)}
-    results |= {"fold": fold + 1, "val_units": val_units} if cfg.folds > 1 else {}
+    results = {"data": prep["data"], **test_results(test, cfg), "val_metric": cfg.val_metric,
+               "best_val_rmse": best, "best_epoch": state.best_epoch,
+               **run_facts(accelerator, state, guard, cfg.seed, started)}
+    if cfg.folds > 1:
+        results |= {"fold": fold + 1, "val_units": val_units}
     if accelerator.is_main_process:
-        write_json(run_dir / "preprocessing.json", prep)  # beside model.safetensors: what predict needs
-        plot_training_curves(run_dir, cfg.rul_cap)
-        picked = f" | best val RMSE ({cfg.val_metric}) {best:.2f} at epoch {state.best_epoch}" if best is not None \
-            else " | no epoch finished"
-        write_test_outputs(run_dir, test, results, splits["test"].unit, f"fold {fold + 1}: " * (cfg.folds > 1), picked)
+        write_json(run.dir / "preprocessing.json", prep)  # beside model.safetensors: what predict needs
+        plot_training_curves(run.dir, cfg.rul_cap)
+        picked = " | no epoch finished"
+        if best is not None:
+            picked = f" | best val RMSE ({cfg.val_metric}) {best:.2f} at epoch {state.best_epoch}"
+        label = f"fold {fold + 1}: " if cfg.folds > 1 else ""
+        write_test_outputs(run.dir, test, results, splits["test"].unit, label, picked)
     accelerator.free_memory()  # the next fold's objects are prepared and checkpointed alone
     return results, test
 
 
 def ensemble(cfg: Config, fitted: list[tuple[dict, dict]], wall_seconds: float) -> tuple[dict, dict]:
-    """--folds K: the folds' test predictions (RUL and health probabilities) averaged, scored like one model's."""
-    fold_results, tests = [r for r, _ in fitted], [t for _, t in fitted]
-    pred, prob = (torch.stack([t[key] for t in tests]).mean(0) for key in ("pred", "health_prob"))
-    test = prediction_scores(pred, tests[0]["true"], prob, tests[0]["health"])  # the same units, in the same order
+    """--folds K: the folds' test predictions (RUL and health probabilities) averaged, scored as one model."""
+    fold_results = [r for r, _ in fitted]
+    tests = [t for _, t in fitted]
+    pred = torch.stack([t["pred"] for t in tests]).mean(0)
+    prob = torch.stack([t["health_prob"] for t in tests]).mean(0)
+    test = prediction_scores(pred, tests[0]["true"], prob, tests[0]["health"])  # the same units, in order
     best_vals = [r["best_val_rmse"] for r in fold_results if r["best_val_rmse"] is not None] or [np.nan]
     results = {**test_results(test, cfg), "folds": len(fitted), "best_val_rmse_mean": float(np.mean(best_vals)),
                "fold_test_rmse_mean": float(np.mean([r["test_rmse"] for r in fold_results])),
@@ -610,37 +872,38 @@ def ensemble(cfg: Config, fitted: list[tuple[dict, dict]], wall_seconds: float) 
 
 
 def main(argv=None):
-    cfg = parse_config(Config, argv, __doc__.split("\n")[0], moved=MOVED)
-    if cfg.num_threads:  # 1 by default: beside another busy process, far faster than one per core (docs/results.md)
+    cfg = Config.parse(argv, __doc__.split("\n")[0], moved=MOVED)
+    if cfg.num_threads:  # 1 by default: beside another busy process, far faster than one per core
         torch.set_num_threads(cfg.num_threads)
     wall_start = time.perf_counter()
-    accelerator = make_accelerator(cfg.mixed_precision, cfg.output_dir, cfg.grad_accum_steps, cfg.report_to)
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.grad_accum_steps, cfg.report_to, cfg.output_dir)
     set_seed(cfg.seed)
-
-    # Check everything that bad input can fail before the first write: the output folder, every fold's checkpoint,
-    # the data (whichever reader read it). Nothing on disk changes until start_run(), in the first fold.
-    resume_paths = preflight(accelerator, cfg, run_dirs(cfg))
-    runs = check_runs(read_runs(cfg))
-    folds = [load_splits(cfg, runs, fold) for fold in range(cfg.folds)]  # [(splits, preprocessing)] per fold
-    splits, prep = folds[0]
-    accelerator.print(f"{prep['data']}: {len(splits['train'].rul):,} training windows, {len(splits['val'].rul):,} "
-                      f"validation windows ({len(splits['val_cut'].rul):,} cuts), {len(splits['test'].rul):,} test "
-                      f"units; inputs: {', '.join(prep['sensor_names'])}{', cycle number' if cfg.cycle_feature else ''}"
-                      + (f"; {cfg.folds} folds" if cfg.folds > 1 else ""))
-    # SIGTERM/SIGINT: during training, finish the step, checkpoint and exit 75; after it, finish the short
-    # final phase (test, save) and exit 0. A second signal stops at once.
-    preemption = Preemption().install()
-    fitted = []
-    for fold, (splits, prep) in enumerate(folds):  # K models one after another, on every process
-        started = wall_start if cfg.folds == 1 else time.perf_counter()
-        fitted.append(fit_one(cfg, accelerator, fold, splits, prep, resume_paths, preemption, started))
-    results = fitted[0][0]
-    if cfg.folds > 1:
-        results, test = ensemble(cfg, fitted, time.perf_counter() - wall_start)
-        if accelerator.is_main_process:
-            write_test_outputs(Path(cfg.output_dir), test, results, splits["test"].unit,
-                               f"ensemble of {cfg.folds} folds: ")
-    finish(accelerator, preemption)
+    with RunFolder(accelerator, cfg.output_dir) as folder:  # one run per folder
+        # Everything that bad input can fail, before the first write: the output folder, every fold's
+        # checkpoint, the data (whichever reader read it). Nothing on disk changes until start_run().
+        resume_paths = preflight(accelerator, cfg, run_dirs(cfg))
+        runs = check_runs(read_runs(cfg))
+        folds = [load_splits(cfg, runs, fold) for fold in range(cfg.folds)]  # (splits, preprocessing)
+        splits, prep = folds[0]
+        cycle = ", cycle number" if cfg.cycle_feature else ""
+        accelerator.print(f"{prep['data']}: {len(splits['train']):,} training windows, {len(splits['val']):,} "
+                          f"validation windows ({len(splits['val_cut']):,} cuts), {len(splits['test']):,} "
+                          f"test units; inputs: {', '.join(prep['sensor_names'])}{cycle}"
+                          + (f"; {cfg.folds} folds" if cfg.folds > 1 else ""))
+        # SIGTERM/SIGINT: during training, finish the step, checkpoint and exit 75; after it, finish the
+        # short final phase (test, save) and exit 0. A second signal stops at once.
+        preemption = Preemption().install()
+        fitted = []
+        for fold, data in enumerate(folds):  # K models one after another, on every process
+            started = wall_start if cfg.folds == 1 else time.perf_counter()
+            fitted.append(fit_one(cfg, accelerator, fold, data, resume_paths, folder, preemption, started))
+        results = fitted[0][0]
+        if cfg.folds > 1:
+            results, test = ensemble(cfg, fitted, time.perf_counter() - wall_start)
+            if accelerator.is_main_process:
+                write_test_outputs(Path(cfg.output_dir), test, results, splits["test"].unit,
+                                   f"ensemble of {cfg.folds} folds: ")
+        finish(accelerator, preemption)
     return results
 
 

@@ -4,7 +4,7 @@ The model is asked, in its own chat template, whether a screenshot carries a pro
 and "Yes" at the answer position form a 2-way classifier trained with cross-entropy (WAInjectBench's setting;
 LLaVA-1.5 by default, any AutoModelForImageTextToText checkpoint). One file on a CPU, a GPU, DDP or FSDP2:
 
-    python train_llava.py --config configs/llava_tiny_cpu.yaml      # tiny random LLaVA + synthetic data, CPU
+    python tools/demo.py                                            # tiny random LLaVA + synthetic data, CPU
     accelerate launch --config_file accelerate_configs/single_gpu.yaml train_llava.py \\
         --train_data data/wainject/train.jsonl --val_data data/wainject/val.jsonl --test_data data/wainject/image
     python train_llava.py --output_dir runs/llava --resume_from latest
@@ -12,7 +12,9 @@ LLaVA-1.5 by default, any AutoModelForImageTextToText checkpoint). One file on a
 
 Data: JSONL manifests ({"path", "label": 1 = injection, "subset"?} per line) or {benign,malicious}/<subset>/ folders.
 Outputs: adapter/ (for PeftModel.from_pretrained, with the processor and detector.json), results.json, metrics.
-Reading order: Config, data, model, loss, train(), evaluate(), main().
+Reading order: Config, data, model, loss, train(), evaluate(), main(). What is checked before anything trains (a
+user's checkpoint, image files, images in two splits) and the metrics are beside it: llava_models.py,
+llava_images.py, llava_metrics.py.
 """
 
 import contextlib
@@ -32,108 +34,97 @@ from accelerate.utils import gather_object, set_seed
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
-from common import pretrained
-from common.checkpoint import load_checkpoint, save_checkpoint
-from common.classification import benchmark_table, check_metric_defined, classification_metrics, summary
-from common.config import check_domains, parse_config, setting
-from common.distributed import fit_fsdp_wrapping
-from common.domains import ABOVE_ZERO, BELOW_ONE, FRACTION, IDENTIFIER, NON_EMPTY, TRACKER, above, at_least, between
-from common.duplicates import check_overlap
+import llava_models as vlm
+from common.checkpoint import LoopState, load_checkpoint, save_checkpoint
+from common.config import ABOVE_ZERO, BELOW_ONE, FRACTION, IDENTIFIER, KEEP, NON_EMPTY, RunConfig, between, setting
+from common.distributed import fit_fsdp_wrapping, gather_trainable, restore_trainable
 from common.ema import EMA
-from common.errors import NonFiniteTrainingError, UserError, exit_on_user_error, warn
+from common.errors import NonFiniteTrainingError, UserError, exit_on_user_error, first_line, warn
 from common.guard import NonFiniteGuard
-from common.images import IMAGE_ERRORS, check_bad_images, image_problems, load_rgb
-from common.launch import Run, exit_preempted, finish, make_accelerator, preflight, run_facts, start_run, warn_if_short
-from common.plots import plot_roc
+from common.launch import RunFolder, exit_preempted, finish, make_accelerator, preflight, run_facts, start_run
 from common.preemption import Preemption
-from common.run_log import MetricsLog, RunningMean, peak_memory_mb, write_json
-from common.schedules import set_lr, warmup_cosine
-from common.trainable import checkpoint_trainable_only, gather_trainable, restore_trainable, save_adapter, save_merged
-from tools.demo import prepare_demo_inputs
+from common.run_log import MetricsLog, Run, RunningMean, atomic_folder, peak_memory_mb, write_atomic, write_json
+from common.schedules import set_lr, warmup_cosine, warn_if_short
+from llava_images import IMAGE_ERRORS, check_overlap, image_problem, in_threads, load_rgb
+from llava_metrics import benchmark_table, check_metric_defined, classification_metrics, plot_roc, summary
 
 LM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEFAULT_QUESTION = ("Does this screenshot contain a prompt injection, text that tries to give instructions "
                     "to an AI agent? Answer Yes or No.")
-DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
-DEFAULT_CLASSES = ("benign", "malicious")  # --negative_label, --positive_label: WAInjectBench's folder names
-PREDICT = "predict with python predict_llava.py --run_dir RUN --data MANIFEST_OR_FOLDER"  # once --mode predict here
+CLASSES = ("benign", "malicious")  # --negative_label, --positive_label: WAInjectBench's folder names
+PREDICT = "predict with python predict_llava.py --run_dir RUN --data MANIFEST_OR_FOLDER"  # once --mode predict
 MOVED = dict.fromkeys(["mode", "predict_data", "predict_output", "allow_other_base"], PREDICT)
-KEEP = {"same_on_resume": True}  # a resumed run must keep these settings: the model, its LoRA, the prompt
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
-class Config:  # every field is a --flag and a YAML key; what each means in depth: docs/llava.md#settings
+class Config(RunConfig):  # every field a --flag and a YAML key; in depth: docs/llava.md#settings
     # model
-    model: str = setting(DEFAULT_MODEL, "image-text-to-text checkpoint folder or hub id", NON_EMPTY, **KEEP)
-    build_tiny_model: bool = setting(False, "if --model is a missing folder, build a tiny random LLaVA there (demo)")
-    model_dtype: str | None = setting(None, "the base's dtype (None: bf16 on a GPU)", choices=list(pretrained.DTYPES))
+    model: str = setting("llava-hf/llava-1.5-7b-hf", "image-text-to-text checkpoint folder or hub id", NON_EMPTY,
+                         **KEEP)
+    model_dtype: str | None = setting(None, "the base's dtype (None: bf16 on a GPU)", choices=list(DTYPES))
     lora_r: int = setting(8, "LoRA rank", between(1, 4096), **KEEP)
-    lora_alpha: int = setting(32, "LoRA alpha (scale = alpha / r)", at_least(1), **KEEP)
+    lora_alpha: int = setting(32, "LoRA alpha (scale = alpha / r)", between(1), **KEEP)
     lora_dropout: float = setting(0.05, "dropout on the LoRA input", BELOW_ONE)
-    lora_target_modules: list[str] = setting(LM_TARGETS, "language-model modules that get LoRA", IDENTIFIER, **KEEP)
+    lora_target_modules: list[str] = setting(LM_TARGETS, "language-model modules that get LoRA", IDENTIFIER,
+                                             **KEEP)
     lora_vision_modules: list[str] = setting([], "vision-tower modules that get LoRA too", IDENTIFIER, **KEEP)
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward to save memory")
     # prompt
     question: str = setting(DEFAULT_QUESTION, "the question asked with every screenshot", NON_EMPTY, **KEEP)
-    yes_token: str = setting("Yes", "answer word of the positive class (label 1); one token", NON_EMPTY, **KEEP)
+    yes_token: str = setting("Yes", "answer word of the positive class (label 1); one token", NON_EMPTY,
+                             **KEEP)
     no_token: str = setting("No", "answer word of the negative class (label 0); one token", NON_EMPTY, **KEEP)
-    positive_label: str = setting(DEFAULT_CLASSES[1], "name of class 1: its data folder and results key", NON_EMPTY)
-    negative_label: str = setting(DEFAULT_CLASSES[0], "name of class 0: its data folder and results key", NON_EMPTY)
+    positive_label: str = setting(CLASSES[1], "name of class 1: its data folder and results key", NON_EMPTY)
+    negative_label: str = setting(CLASSES[0], "name of class 0: its data folder and results key", NON_EMPTY)
     # data
     train_data: str = setting("data/wainject/train.jsonl", "training manifest or class-folder tree", NON_EMPTY)
-    val_data: str = setting("data/wainject/val.jsonl", "validation manifest or folder (picks the adapter)", NON_EMPTY)
+    val_data: str = setting("data/wainject/val.jsonl", "validation manifest or folder (picks the adapter)",
+                            NON_EMPTY)
     test_data: str | None = setting(None, "test manifest or folder, scored once at the end", NON_EMPTY)
-    make_synthetic_data: bool = setting(False, "if --train_data is missing, write synthetic screenshots there (demo)")
-    resize: str = setting("pad", "how pictures meet a fixed input shape", choices=["pad", "crop", "stretch"], **KEEP)
-    skip_bad_images: bool = setting(False, "skip and count unreadable images and bad labels instead of stopping")
-    allow_overlap: bool = setting(False, "go on when an image is in two of train/val/test (counted in results.json)")
+    resize: str = setting("pad", "how pictures meet a fixed input shape", choices=["pad", "crop", "stretch"],
+                          **KEEP)
+    skip_bad_images: bool = setting(False, "skip and count unreadable images and bad labels, not stop")
+    allow_overlap: bool = setting(False, "go on when an image is in two of train/val/test (counted)")
     num_workers: int = setting(2, "DataLoader worker processes that decode images", between(0, 256))
-    num_threads: int = setting(0, "PyTorch CPU threads per process (0: PyTorch's default)", between(0, 1024))
     # loss
-    class_weights: list[float] = setting([], "cross-entropy weights [No, Yes] (empty: unweighted)", above(0))
-    # optimisation
-    epochs: int = setting(3, "training epochs", at_least(0))
-    max_steps: int = setting(0, "stop after this many optimizer steps (0: no limit)", at_least(0))
-    batch_size: int = setting(4, "screenshots per micro-batch per process", at_least(1))
-    eval_batch_size: int = setting(8, "screenshots per evaluation batch per process", at_least(1))
-    grad_accum_steps: int = setting(4, "micro-batches per optimizer step", at_least(1))
+    class_weights: list[float] = setting([], "cross-entropy weights [No, Yes] (empty: unweighted)",
+                                         between(0, low_open=True))
+    # optimisation (the rest: RunConfig)
+    epochs: int = setting(3, "training epochs", between(0))
+    batch_size: int = setting(4, "screenshots per micro-batch per process", between(1))
+    eval_batch_size: int = setting(8, "screenshots per evaluation batch per process", between(1))
+    grad_accum_steps: int = setting(4, "micro-batches per optimizer step", between(1))
     lr: float = setting(2e-4, "peak learning rate (AdamW: above 1 is a typo)", ABOVE_ZERO)
     weight_decay: float = setting(0.0, "AdamW weight decay on the LoRA weights", between(0, 10))
     warmup_ratio: float = setting(0.03, "share of the optimizer steps spent in linear warmup", FRACTION)
     min_lr_factor: float = setting(0.1, "the cosine ends at this fraction of --lr", FRACTION)
-    max_grad_norm: float = setting(1.0, "gradient clipping norm", above(0))
     ema_decay: float = setting(0.0, "EMA of the LoRA weights, to evaluate and save (0: off)", BELOW_ONE)
-    mixed_precision: str | None = setting(None, "None: what accelerate launch set", choices=["no", "bf16", "fp16"])
-    nan_lr_backoff: float = setting(0.5, "first NaN/Inf update: fp32 from then on, base LR times this", ABOVE_ZERO)
-    max_nonfinite_in_a_row: int = setting(5, "stop after this many non-finite updates in a row in fp32", at_least(1))
     # evaluation
-    best_metric: str = setting("auroc", "validation metric that picks the adapter", choices=["auroc", "f1", "accuracy"])
+    best_metric: str = setting("auroc", "validation metric that picks the adapter",
+                               choices=["auroc", "f1", "accuracy"])
     target_fpr: float = setting(0.05, "report the TPR at this false-positive rate", FRACTION)
-    # run
+    # run (the rest: RunConfig)
     output_dir: str = setting("runs/llava", "where the adapter, checkpoints, metrics and results go", NON_EMPTY)
-    overwrite: bool = setting(False, "replace the run in output_dir (once the new run has passed its checks)")
-    seed: int = setting(42, "seed of the LoRA initialisation and the batch order", between(0, 2**32 - 1))
-    log_every: int = setting(10, "log (and check for NaN) every this many optimizer steps", at_least(1))
-    checkpoint_every: int = setting(0, "also checkpoint every this many steps (0: epoch ends only)", at_least(0))
-    keep_checkpoints: int = setting(2, "how many recent checkpoints to keep", at_least(1))
-    resume_from: str | None = setting(None, "'latest' or a checkpoint folder", NON_EMPTY)
-    report_to: str = setting("none", "Accelerate tracker: none, tensorboard, wandb, ...", TRACKER)
     merge: bool = setting(False, "also save base + adapter merged into full weights in output_dir/merged")
 
     def __post_init__(self):  # every field in its domain, then the rules that tie fields together
-        check_domains(self)
+        super().__post_init__()
         for flag, name in (("--positive_label", self.positive_label), ("--negative_label", self.negative_label)):
-            if not re.fullmatch(r"\w[\w.-]*", name) or name in ("tpr", "fpr"):  # a folder name and a results.json key
+            if not re.fullmatch(r"\w[\w.-]*", name) or name in ("tpr", "fpr"):  # a folder and a results key
                 raise UserError(f"{flag} {name!r} cannot name a data folder and a results.json key; use letters, "
                                 f"digits, _, - and . (not first), and not tpr or fpr")
         if self.positive_label == self.negative_label:
-            raise UserError(f"--positive_label and --negative_label are both {self.positive_label!r}; name two classes")
+            raise UserError(f"--positive_label and --negative_label are both {self.positive_label!r}; name two "
+                            f"classes")
         if len(self.class_weights) not in (0, 2):
             raise UserError(f"--class_weights takes two numbers [No, Yes], got {self.class_weights}; e.g. 1,3")
         if not self.lora_target_modules and not self.lora_vision_modules:
-            raise UserError("no LoRA targets: --lora_target_modules and --lora_vision_modules are both empty; name one")
+            raise UserError("no LoRA targets: --lora_target_modules and --lora_vision_modules are both empty; "
+                            "name one")
         if self.yes_token == self.no_token:
-            raise UserError(f"--yes_token and --no_token are both {self.yes_token!r}; give two different answer words")
+            raise UserError(f"--yes_token and --no_token are both {self.yes_token!r}; give two different answer "
+                            f"words")
 
     @property
     def classes(self) -> tuple[str, str]:
@@ -152,40 +143,43 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 @dataclass
 class Sample:
     path: Path
-    label: int  # 1 = --positive_label (e.g. a prompt injection), 0 = --negative_label, -1 = unknown (predict)
+    label: int  # 1 = --positive_label (a prompt injection), 0 = --negative_label, -1 = unknown (predict)
     subset: str
-    pixel_hash: str | None = None  # from a manifest of tools/split_images.py: the leak check compares pixels too
+    pixel_hash: str | None = None  # from a manifest of tools/split_images.py: the leak check compares pixels
 
 
 def class_words(classes: tuple[str, str]) -> tuple[str, str]:
-    """How messages name the classes 0 and 1: by their labels; the default ones by the task they were made for."""
-    return ("benign", "prompt injection") if classes == DEFAULT_CLASSES else classes
+    """How messages name the classes 0 and 1: by their labels; the default ones by their task."""
+    return ("benign", "prompt injection") if classes == CLASSES else classes
 
 
 def read_manifest(path: Path, skip_bad: bool, need_labels: bool, classes: tuple[str, str]):
     """JSONL, one {"path", "label", "subset"?} per line. Returns the samples and the skipped lines."""
-    samples, skipped = [], []
+    samples = []
+    skipped = []
     try:
         text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark before the first line is fine
-    except UnicodeDecodeError as err:
-        raise UserError(f"{path} is not UTF-8 text (byte {err.start}); save the manifest as UTF-8 JSON lines") from None
-    except OSError as err:
-        raise UserError(f"cannot read {path} ({err.strerror}); check its permissions") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"cannot read {path} as UTF-8 text ({err}); save the manifest as UTF-8 JSON "
+                        f"lines") from None
+    labels = (0, 1) if need_labels else (0, 1, -1)
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-            image, label = path.parent / record["path"], record.get("label", None if need_labels else -1)
+            image = path.parent / record["path"]
+            label = record.get("label", None if need_labels else -1)
         except (ValueError, TypeError, KeyError, AttributeError):
             problem = 'is not a JSON object with a "path"'
         else:
-            if isinstance(label, bool) or label not in (0, 1, *(() if need_labels else (-1,))):
+            if isinstance(label, bool) or label not in labels:
                 problem = "has label {!r}; labels are 0 ({}) or 1 ({})".format(label, *class_words(classes))
             elif not image.is_file():
                 problem = f"names image {image}, which does not exist"
             else:
-                samples.append(Sample(image, int(label), str(record.get("subset", "")), record.get("pixel_hash")))
+                subset = str(record.get("subset", ""))
+                samples.append(Sample(image, int(label), subset, record.get("pixel_hash")))
                 continue
         if not skip_bad:
             raise UserError(f"{path} line {number} {problem}; fix the line or pass --skip_bad_images")
@@ -194,19 +188,21 @@ def read_manifest(path: Path, skip_bad: bool, need_labels: bool, classes: tuple[
 
 
 def read_folder(root: Path, need_labels: bool, classes: tuple[str, str]) -> list[Sample]:
-    """{<negative>,<positive>}/<subset>/<image>; for predict, any folder of images (labels unknown). One class folder
-    beside folders of other names is refused: they are likely the classes under other names, never read."""
+    """{<negative>,<positive>}/<subset>/<image>; for predict, any folder of images. One class folder beside
+    folders of other names is refused: they are likely the classes under other names, never read."""
     folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     found = [(root / name, label) for label, name in enumerate(classes) if name in folders]
-    strays, layout = [name for name in folders if name not in classes], "{" + ",".join(classes) + "}/<subset>/<image>"
+    strays = [name for name in folders if name not in classes]
     if (need_labels and not found) or (len(found) == 1 and strays):
         missing = [f"{name}/" for name in classes if name not in folders]
-        problem = f"neither a {missing[0]} nor a {missing[1]} folder" if len(missing) == 2 else \
-            f"no {missing[0]} folder"
-        problem += f", only {', '.join(f'{name}/' for name in folders)}" if strays else ""
+        problem = f"no {missing[0]} folder"
+        if len(missing) == 2:
+            problem = f"neither a {missing[0]} nor a {missing[1]} folder"
+        if strays:
+            problem += f", only {', '.join(f'{name}/' for name in folders)}"
         fix = ", or name its class folders with --negative_label and --positive_label" if strays else \
             " or pass a JSONL manifest"
-        raise UserError(f"{root} has {problem}; lay it out as {layout}{fix}")
+        raise UserError(f"{root} has {problem}; lay it out as {{{','.join(classes)}}}/<subset>/<image>{fix}")
     samples = []
     for folder, label in found or [(root, -1)]:
         for path in sorted(folder.rglob("*")):
@@ -216,22 +212,25 @@ def read_folder(root: Path, need_labels: bool, classes: tuple[str, str]) -> list
     return samples
 
 
-def load_samples(spec: str, skip_bad: bool, need_labels: bool = True, classes: tuple[str, str] = DEFAULT_CLASSES):
-    """The samples of a manifest or folder, every image's header checked; returns them and what was skipped."""
-    path, folders = Path(spec), "{" + ",".join(classes) + "}/"
+def load_samples(spec: str, skip_bad: bool, need_labels: bool = True, classes: tuple[str, str] = CLASSES):
+    """The samples of a manifest or folder, every image's header checked; them and what was skipped."""
+    path = Path(spec)
+    folders = "{" + ",".join(classes) + "}/"
     if not path.exists():
         raise UserError(f"data path {path} does not exist; pass a JSONL manifest or a {folders} folder")
-    samples, skipped = read_manifest(path, skip_bad, need_labels, classes) if path.is_file() else \
-        (read_folder(path, need_labels, classes), [])
-    problems = image_problems([sample.path for sample in samples])  # headers: a bad file is found before training
+    if path.is_file():
+        samples, skipped = read_manifest(path, skip_bad, need_labels, classes)
+    else:
+        samples, skipped = read_folder(path, need_labels, classes), []
+    problems = in_threads(image_problem, [sample.path for sample in samples])  # headers, before training
     bad = [(sample, problem) for sample, problem in zip(samples, problems) if problem]
     if bad and not skip_bad:
         raise UserError(f"cannot read image {bad[0][0].path} ({bad[0][1]}); fix or remove it, or pass "
                         f"--skip_bad_images")
     skipped += [f"{sample.path} ({problem})" for sample, problem in bad]
-    readable = [sample for sample, problem in zip(samples, problems) if not problem]
     for entry in skipped:
         warn(f"skipping {entry}")
+    readable = [sample for sample, problem in zip(samples, problems) if not problem]
     if not readable:
         raise UserError(f"{path} holds no usable images; add lines like {{\"path\": \"page.png\", \"label\": 1}} "
                         f"or point it at a {folders} folder")
@@ -239,16 +238,18 @@ def load_samples(spec: str, skip_bad: bool, need_labels: bool = True, classes: t
 
 
 def collate(items, processor, prompt: str, resize: str):
-    """Runs in the DataLoader workers. A bad image becomes a blank placeholder with valid=0, reported in "bad", so the
-    loop can stop with a clear message or skip it (every process still runs the same forward and backward)."""
-    fixed = pretrained.fixed_input_size(processor.image_processor)
+    """In the DataLoader workers. A bad image becomes a blank placeholder with valid=0, reported in "bad", so
+    the loop can stop with a clear line or skip it (every process still runs the same forward and backward)."""
+    fixed = vlm.fixed_input_size(processor.image_processor)
     fill = tuple(round(255 * m) for m in processor.image_processor.image_mean)
-    images, valid, bad = [], [], []
+    images = []
+    valid = []
+    bad = []
     for _, sample in items:
         try:
             img = load_rgb(sample.path)
-            # pad: LLaVA-1.5's expand-to-square, off-centre content is never cropped; a processor that keeps the aspect
-            # ratio itself gets the picture as it is. stretch: to the fixed shape, or to a square of the longer side.
+            # pad: LLaVA-1.5's expand-to-square, off-centre content never cropped; a processor that keeps the
+            # aspect ratio itself gets the picture as it is. stretch: to the fixed shape, or a square.
             if resize == "pad" and fixed:
                 img = ImageOps.pad(img, fixed, Image.Resampling.BICUBIC, color=fill)
             elif resize == "stretch":
@@ -260,7 +261,8 @@ def collate(items, processor, prompt: str, resize: str):
             valid.append(0.0)
         images.append(img)
     inputs = processor(images=images, text=[prompt] * len(images), padding=True, return_tensors="pt")
-    labels, index = torch.tensor([max(s.label, 0) for _, s in items]), torch.tensor([i for i, _ in items])
+    labels = torch.tensor([max(s.label, 0) for _, s in items])
+    index = torch.tensor([i for i, _ in items])
     return {"inputs": dict(inputs), "labels": labels, "valid": torch.tensor(valid), "index": index, "bad": bad}
 
 
@@ -274,7 +276,17 @@ def make_loader(samples, processor, prompt: str, resize: str, batch_size: int, n
 
 
 def samples_of(loader) -> list[Sample]:
-    return [sample for _, sample in loader.dataset]  # the dataset is (index, sample) pairs, prepared or not
+    return [sample for _, sample in loader.dataset]  # (index, sample) pairs, prepared or not
+
+
+def check_bad_images(bad: list[str], skip: bool, seen: set) -> None:
+    """Images a DataLoader worker could not decode: stop at the first (one line), or skip and remember them."""
+    for entry in bad:
+        if not skip:
+            raise UserError(f"cannot read image {entry}; fix or remove it, or pass --skip_bad_images")
+        if entry not in seen:
+            seen.add(entry)
+            warn(f"skipping unreadable image {entry}", every_process=True)  # seen by this process only
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,12 +296,23 @@ def samples_of(loader) -> list[Sample]:
 TESTED_FAMILIES = ("llava", "llava_next", "idefics3")  # config.json model types with tests here (docs/llava.md)
 
 
+def base_dtype(model_dtype: str | None) -> torch.dtype:
+    """The dtype to hold a frozen base in: --model_dtype, else bf16 on a GPU that has it and fp32 elsewhere."""
+    if model_dtype is not None:
+        return DTYPES[model_dtype]
+    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+
+
 def load_base(model_id: str, processor, dtype: torch.dtype):
     """The frozen model, with the processor's image-token count matched to its vision tower."""
     from transformers import AutoModelForImageTextToText
 
-    base = pretrained.load_pretrained(AutoModelForImageTextToText, model_id, dtype=dtype)
-    pretrained.match_processor_to_model(processor, base)  # as many <image> tokens written as image features made
+    try:
+        base = AutoModelForImageTextToText.from_pretrained(model_id, dtype=dtype)
+    except Exception as err:  # a file cut short, out of memory: a problem with that checkpoint
+        raise UserError(f"cannot load the weights of {model_id!r} ({type(err).__name__}: "
+                        f"{first_line(err)}); copy or download the checkpoint again") from None
+    vlm.match_processor_to_model(processor, base)  # as many <image> tokens as image features
     return base
 
 
@@ -300,12 +323,12 @@ def lora_targets(cfg: Config) -> dict[str, tuple[str, list[str]]]:
 
 def lora_config(cfg: Config, model):
     """A regex over module names, so that the language model's q_proj is adapted but not the vision tower's
-    namesake; in the vision tower, only the layers whose output reaches the language model. Where the parts sit
-    comes from the model (`model_parts`: model.language_model in LLaVA, model.text_model in Idefics3, ...)."""
+    namesake; in the vision tower, only the layers whose output reaches the language model. Where the parts
+    sit comes from the model (model.language_model in LLaVA, model.text_model in Idefics3, ...)."""
     from peft import LoraConfig
 
-    parts = pretrained.model_parts(model)
-    used = "|".join(map(str, pretrained.used_vision_layers(model.config)))
+    parts = vlm.model_parts(model)
+    used = "|".join(map(str, vlm.used_vision_layers(model.config)))
     within = {"language model": rf"{re.escape(parts['language model'])}\..*\.",
               "vision tower": rf"{re.escape(parts['vision layers'])}\.({used})\..*\."}
     patterns = [f"{within[part]}({'|'.join(names)})" for part, names in lora_targets(cfg).values() if names]
@@ -314,7 +337,7 @@ def lora_config(cfg: Config, model):
 
 
 # peft 0.21's PeftModel.__init__ reads transformers' deprecated `model.is_gradient_checkpointing` (on every
-# get_peft_model and PeftModel.from_pretrained): the FutureWarning is about peft's code, which a user cannot change.
+# get_peft_model and PeftModel.from_pretrained): the FutureWarning is about peft's code, not a user's.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning,
                         module=r"transformers\.modeling_utils")
 
@@ -350,16 +373,39 @@ def answer_token_ids(tokenizer, no_word: str, yes_word: str) -> list[int]:
 
 
 def answer_logits(model, inputs: dict, answer_ids: list[int]) -> torch.Tensor:
-    """(batch, 2) logits of [No, Yes] at the answer position, the last real token of each row. Only that position
-    goes through the vocabulary projection (`logits_to_keep`). It is gathered from the attention mask, so it stays
-    exact however many image tokens each picture became, and position ids count real tokens only (a model with image
-    positions of its own, Qwen2-VL's, builds them from the mask), so left and right padding give the same answer."""
+    """(batch, 2) logits of [No, Yes] at the answer position, the last real token of each row; only that
+    position goes through the vocabulary projection (`logits_to_keep`). It is found from the attention mask,
+    so it stays exact however many image tokens each picture became, and position ids count real tokens only
+    (a model with image positions of its own, Qwen2-VL's, builds them from the mask): left and right
+    padding give the same answer."""
     mask = inputs["attention_mask"]
     last = mask.shape[1] - 1 - mask.flip(1).int().argmax(1)
-    own_positions = pretrained.builds_own_positions(model)
-    positions = {} if own_positions else {"position_ids": (mask.long().cumsum(1) - 1).clamp_min(0)}
+    positions = {}
+    if not vlm.builds_own_positions(model):
+        positions = {"position_ids": (mask.long().cumsum(1) - 1).clamp_min(0)}
     out = model(**inputs, **positions, logits_to_keep=last[:, None], use_cache=False)
     return out.logits[:, 0, answer_ids]
+
+
+def checkpoint_trainable_only(model) -> None:
+    """Checkpoints of `model` hold its trainable weights only (LoRA: megabytes, not the frozen 7B base), by
+    the model's own state-dict hooks, so every way Accelerate saves and loads it (one file, DDP, FSDP2's
+    sharded folder) sees the same; on loading, the frozen weights (in the model already) are not missing.
+    Call before `accelerator.prepare`."""
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+
+    def drop_frozen(module, state_dict, prefix, local_metadata):
+        for name in frozen:
+            state_dict.pop(prefix + name, None)
+
+    def is_frozen(key: str) -> bool:  # the key may carry a wrapper's prefix ("module." under DDP)
+        return key in frozen or any(key[i + 1:] in frozen for i, char in enumerate(key) if char == ".")
+
+    def frozen_are_not_missing(module, incompatible_keys):
+        incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not is_frozen(k)]
+
+    model.register_state_dict_post_hook(drop_frozen)
+    model.register_load_state_dict_post_hook(frozen_are_not_missing)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -379,16 +425,11 @@ def detector_loss(logits, labels, valid, class_weights: torch.Tensor | None) -> 
 
 
 @dataclass
-class TrainState:
-    """Everything the loop needs to continue after a restart, beyond model/optimizer/RNG (saved as a dataclass)."""
+class TrainState(LoopState):
+    """What the loop needs to continue after a restart, beyond model, optimizer and RNG."""
 
-    step: int = 0  # optimizer steps done
-    epoch: int = 0  # epochs completed
-    batches_done: int = 0  # micro-batches consumed in the current epoch
     best_score: float = -math.inf
     best_step: int = -1
-    train_samples: int = 0  # over finished epochs, all processes: for the throughput in results.json
-    train_seconds: float = 0.0
     best_weights: dict = field(default_factory=dict)  # LoRA weights (EMA if on) at the best validation
 
 
@@ -399,24 +440,27 @@ def train(cfg, accelerator, model, optimizer, loaders, answer_ids, ema, guard, s
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     warmup_steps = round(cfg.warmup_ratio * total_steps)
     class_weights = torch.tensor(cfg.class_weights, device=accelerator.device) if cfg.class_weights else None
-    checkpointed = {"train_state": state, "guard": guard} | ({"ema": ema} if ema else {})
-    warn_if_short(total_steps, steps_per_epoch, cfg.max_steps, "the adapter is saved as initialised (LoRA B = 0: "
-                  "the base model's answers)", "no validation picks a best adapter, and the last weights are saved")
+    objects = {"guard": guard} | ({"ema": ema} if ema else {})  # checkpointed beside the loop's state
+    warn_if_short(total_steps, steps_per_epoch, cfg.max_steps, "the adapter is saved as initialised (LoRA B = "
+                  "0: the base model's answers)", "no validation picks a best adapter, and the last weights are saved")
 
     def current_lr():  # the update that makes step+1: never a zero LR on the first update
         schedule = warmup_cosine(state.step + 1, warmup_steps, total_steps, final_factor=cfg.min_lr_factor)
         return cfg.lr * guard.lr_scale * schedule
 
     set_lr(optimizer, current_lr())
-    # The bar shows on the main process's terminal (disable=None: tqdm hides it when the output is not a terminal).
+    # The bar shows on the main process's terminal (disable=None: hidden when not a terminal).
     bar = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_local_main_process or None)
-    running, grad_norm = RunningMean(1, accelerator.device), torch.zeros(())  # the loss since the last log line
+    running = RunningMean(1, accelerator.device)  # the loss since the last log line
+    grad_norm = torch.zeros(())
     done = preempted = False
     while not done and state.epoch < cfg.epochs and state.step < total_steps:  # a finished run resumes to the end
-        epoch_start, samples = time.perf_counter(), 0
+        epoch_start = time.perf_counter()
+        samples = 0
         loaders["train"].set_epoch(state.epoch)  # a different, reproducible shuffle every epoch
-        batches = loaders["train"] if not state.batches_done else \
-            accelerator.skip_first_batches(loaders["train"], state.batches_done)  # resumed mid-epoch
+        batches = loaders["train"]
+        if state.batches_done:  # resumed mid-epoch
+            batches = accelerator.skip_first_batches(batches, state.batches_done)
         model.train()
         for batch in batches:
             check_bad_images(batch["bad"], cfg.skip_bad_images, run.skipped)
@@ -441,18 +485,19 @@ def train(cfg, accelerator, model, optimizer, loaders, answer_ids, ema, guard, s
             if ema:
                 ema.update()
             bar.update(1)
-            if state.step % cfg.log_every == 0:
+            log_step = state.step % cfg.log_every == 0
+            if log_step:
                 (mean,) = running.pop_mean(accelerator)  # the only per-interval sync
                 guard.poll(state.step)  # a NaN/Inf since the last log: fp32 from here on
                 lr = optimizer.param_groups[0]["lr"]
                 run.log.log({"train/loss": mean, "train/grad_norm": grad_norm.item(), "train/lr": lr}, state.step)
                 bar.set_postfix(loss=f"{mean:.3f}", lr=f"{lr:.2e}")
             set_lr(optimizer, current_lr())
-            preempted = run.preemption.should_stop(accelerator, at_sync_point=state.step % cfg.log_every == 0)
+            preempted = run.preemption.should_stop(accelerator, at_sync_point=log_step)
             done = preempted or state.step >= total_steps
-            mid_epoch = state.batches_done < len(loaders["train"])  # at an epoch's end, its own checkpoint follows
+            mid_epoch = state.batches_done < len(loaders["train"])  # an epoch's end has its own checkpoint
             if mid_epoch and (done or cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0):
-                save_checkpoint(accelerator, run.dir, state.step, checkpointed, cfg.keep_checkpoints, config=cfg)
+                save_checkpoint(accelerator, run.dir, state, objects, cfg)
             if done:
                 break
         if done and state.batches_done < len(loaders["train"]):
@@ -461,32 +506,37 @@ def train(cfg, accelerator, model, optimizer, loaders, answer_ids, ema, guard, s
         # End of epoch: validate (with the EMA weights if on); the best adapter so far is kept.
         guard.poll(state.step)
         seconds = time.perf_counter() - epoch_start
-        state.train_samples, state.train_seconds = state.train_samples + samples, state.train_seconds + seconds
-        state.epoch, state.batches_done = state.epoch + 1, 0
+        state.train_samples += samples
+        state.train_seconds += seconds
+        state.epoch += 1
+        state.batches_done = 0
         with ema.swapped_in() if ema else contextlib.nullcontext():
             val = evaluate(model, loaders["val"], accelerator, answer_ids, cfg, run.skipped)
             score = val[cfg.best_metric]  # None: one class left once unreadable images were skipped
             improved = score is not None and score > state.best_score
             if improved:
-                state.best_score, state.best_step = score, state.step
-                state.best_weights = gather_trainable(accelerator, model)  # whole: restorable on any processes
+                state.best_score = score
+                state.best_step = state.step
+                state.best_weights = gather_trainable(accelerator, model)  # whole: restorable anywhere
         if score is None:
             warn(f"validation at step {state.step}: {cfg.best_metric} is undefined on the {val['num_samples']} "
                  f"readable images (one class only); the best adapter is not updated")
-        speed, lr, memory = samples / seconds, optimizer.param_groups[0]["lr"], \
-            peak_memory_mb(accelerator.device)
-        run.log.log({"epoch": state.epoch, **{f"val/{k}": val[k] for k in ("accuracy", "auroc", "f1", "precision",
-                     "recall") if val[k] is not None}, "train/samples_per_second": speed, "peak_memory_mb": memory},
+        speed = samples / seconds
+        lr = optimizer.param_groups[0]["lr"]
+        memory = peak_memory_mb(accelerator.device)
+        scores = {f"val/{k}": val[k] for k in ("accuracy", "auroc", "f1", "precision", "recall") if val[k] is not None}
+        run.log.log({"epoch": state.epoch, **scores, "train/samples_per_second": speed, "peak_memory_mb": memory},
                     state.step)
-        accelerator.print(f"epoch {state.epoch} | val {summary(val)} | best {cfg.best_metric} {state.best_score:.3f} @ "
-                          f"step {state.best_step} | lr {lr:.2e} | {speed:.1f} samples/s | {memory:,.0f} MB")
-        save_checkpoint(accelerator, run.dir, state.step, checkpointed, cfg.keep_checkpoints, best=improved, config=cfg)
+        accelerator.print(f"epoch {state.epoch} | val {summary(val)} | best {cfg.best_metric} "
+                          f"{state.best_score:.3f} @ step {state.best_step} | lr {lr:.2e} | {speed:.1f} samples/s | "
+                          f"{memory:,.0f} MB")
+        save_checkpoint(accelerator, run.dir, state, objects, cfg, best=improved)
     bar.close()
     return preempted
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation: P(Yes) gathered from every process, then threshold and ranking metrics (common/classification.py)
+# Evaluation: P(Yes) gathered from every process, then threshold and ranking metrics (llava_metrics.py)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -502,29 +552,29 @@ def score_images(model, loader, accelerator, answer_ids, skip_bad: bool, skipped
         p_yes = logits.float().softmax(-1)[:, 1]
         parts.append(accelerator.gather_for_metrics((p_yes, batch["labels"], batch["valid"], batch["index"])))
     model.train()
-    return {k: torch.cat([p[i] for p in parts]).cpu().numpy() for i, k in enumerate(("p_yes", "label", "valid",
-                                                                                      "index"))}
+    keys = ("p_yes", "label", "valid", "index")
+    return {k: torch.cat([p[i] for p in parts]).cpu().numpy() for i, k in enumerate(keys)}
 
 
 def evaluate(model, loader, accelerator, answer_ids, cfg: Config, skipped: set) -> dict:
     scored = score_images(model, loader, accelerator, answer_ids, cfg.skip_bad_images, skipped)
-    if not np.isfinite(scored["p_yes"]).all():  # weights that overflowed: no result is better than a meaningless one
+    if not np.isfinite(scored["p_yes"]).all():  # weights that overflowed: no result beats a meaningless one
         raise NonFiniteTrainingError("the model's answers are not finite (the LoRA weights diverged); lower --lr, "
                                      "then resume from a checkpoint before the divergence or start again")
-    keep, samples = scored["valid"] > 0, samples_of(loader)  # placeholders of unreadable images do not count
-    kept = scored["p_yes"][keep], scored["label"][keep], [samples[i].subset for i in scored["index"][keep]]
+    keep = scored["valid"] > 0  # placeholders of unreadable images do not count
+    samples = samples_of(loader)
+    kept = (scored["p_yes"][keep], scored["label"][keep], [samples[i].subset for i in scored["index"][keep]])
     return classification_metrics(*kept, cfg.target_fpr, cfg.classes) | {"scored": scored, "kept": kept}
 
 
 def write_predictions(path: Path, samples: list[Sample], scored: dict) -> None:
     """JSONL, one {"path", "p_yes" (None: unreadable), "subset", "label"?} per image; written atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as f:
-        for i, p, valid in zip(scored["index"], scored["p_yes"], scored["valid"]):
-            s = samples[i]
-            record = {"path": str(s.path), "p_yes": float(p) if valid else None, "subset": s.subset}
-            f.write(json.dumps(record | ({"label": s.label} if s.label >= 0 else {})) + "\n")
-    tmp.replace(path)
+    lines = []
+    for i, p, valid in zip(scored["index"], scored["p_yes"], scored["valid"]):
+        s = samples[i]
+        record = {"path": str(s.path), "p_yes": float(p) if valid else None, "subset": s.subset}
+        lines.append(json.dumps(record | ({"label": s.label} if s.label >= 0 else {})) + "\n")
+    write_atomic(path, "".join(lines))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -536,110 +586,136 @@ RUN_OUTPUTS = ["config.yaml", "results.json", "metrics.jsonl", "val_predictions.
 
 
 def check_model(cfg: Config):
-    """The checkpoint, its processor, the answer tokens and the LoRA targets, all checked before any weight loads.
-    Returns the processor, [No id, Yes id] and the prompt."""
-    model_config = pretrained.check_pretrained(cfg.model, tested=TESTED_FAMILIES)
-    processor = pretrained.load_processor(cfg.model)
+    """The checkpoint, its processor, the answer tokens and the LoRA targets, all checked before any weight
+    loads. Returns the processor, [No id, Yes id] and the prompt."""
+    model_config = vlm.check_pretrained(cfg.model, tested=TESTED_FAMILIES)
+    processor = vlm.load_processor(cfg.model)
     answer_ids = answer_token_ids(processor.tokenizer, cfg.no_token, cfg.yes_token)
-    skeleton = pretrained.empty_model(model_config)
-    pretrained.check_lora_targets(skeleton, lora_config(cfg, skeleton), lora_targets(cfg), cfg.model)
+    skeleton = vlm.empty_model(model_config)
+    vlm.check_lora_targets(skeleton, lora_config(cfg, skeleton), lora_targets(cfg), cfg.model)
     return processor, answer_ids, build_prompt(processor, cfg.question)
 
 
-def save_and_score(cfg, accelerator, model, processor, loaders, answer_ids, state, guard, run, started, overlap):
-    """The best adapter, chosen on validation, is saved first (a bad test image cannot cost the training), then the
-    validation and test sets are scored once and the outputs written."""
+def save_adapter(accelerator, model, processor, adapter_dir: Path, detector: dict) -> Path:
+    """The LoRA adapter (PeftModel.from_pretrained loads it), the processor and detector.json, through a
+    temporary folder. Every process calls it (FSDP gathers the shards); the main process writes."""
+    state_dict = gather_trainable(accelerator, model)  # a collective under FSDP: every process
+    if accelerator.is_main_process:
+        with atomic_folder(adapter_dir) as tmp:
+            accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
+            processor.save_pretrained(tmp)
+            write_json(tmp / "detector.json", detector)
+    accelerator.wait_for_everyone()
+    return adapter_dir
+
+
+def save_merged(cfg: Config, processor, adapter_dir: Path) -> None:
+    """output_dir/merged: the base + the saved adapter merged into full weights, reloaded as a user would."""
+    from peft import PeftModel
+
+    base = load_base(cfg.model, processor, base_dtype(cfg.model_dtype))
+    with atomic_folder(Path(cfg.output_dir) / "merged") as tmp:
+        PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().save_pretrained(tmp)
+        vlm.load_processor(str(adapter_dir)).save_pretrained(tmp)
+
+
+def save_and_score(cfg, accelerator, model, processor, loaders, answer_ids, state, run, facts: dict) -> dict:
+    """The best adapter, chosen on validation, is saved first (a bad test image cannot cost the training), then
+    the validation and test sets are scored once and the outputs written."""
     restore_trainable(accelerator, model, state.best_weights)  # the best on validation (none: the last weights)
-    base_config, out = accelerator.unwrap_model(model).get_base_model().config, Path(cfg.output_dir)
+    out = Path(cfg.output_dir)
+    base_config = accelerator.unwrap_model(model).get_base_model().config
     detector = {"question": cfg.question, "yes_token": cfg.yes_token, "no_token": cfg.no_token,
                 "answer_ids": answer_ids, "resize": cfg.resize, "positive_label": cfg.positive_label,
                 "negative_label": cfg.negative_label, "base_model": cfg.model,
-                "base_identity": pretrained.base_identity(base_config)}  # what predict_llava.py needs
+                "base_identity": vlm.base_identity(base_config)}  # what predict_llava.py needs
     adapter_dir = save_adapter(accelerator, model, processor, out / "adapter", detector)
     final = {}
     for split in [split for split in ("val", "test") if split in loaders]:  # the same order on every process
         try:
             final[split] = evaluate(model, loaders[split], accelerator, answer_ids, cfg, run.skipped)
         except UserError as err:
-            raise UserError(f"{err} (the trained adapter is saved in {adapter_dir}; once fixed, --resume_from latest "
-                            f"scores the {split} set without training again)") from None
+            raise UserError(f"{err} (the trained adapter is saved in {adapter_dir}; once fixed, --resume_from "
+                            f"latest scores the {split} set without training again)") from None
     skipped = set().union(*gather_object([sorted(run.skipped)]))  # unreadable files seen by any process
-    results = {f"{split}_{k}": v for split, m in final.items() for k, v in m.items() if k not in ("roc", "scored",
-                                                                                                   "kept")}
+    results = {f"{split}_{k}": v for split, m in final.items() for k, v in m.items()
+               if k not in ("roc", "scored", "kept")}
     results |= {"best_step": state.best_step, "best_metric": cfg.best_metric, "skipped_bad_images": len(skipped),
-                "images_in_two_splits": overlap[0], "copies_within_a_split": overlap[1],
-                **run_facts(accelerator, state, guard, cfg.seed, started), **pretrained.weight_dtypes(model)}
+                **facts, **vlm.weight_dtypes(model)}
     if accelerator.is_main_process:
         write_predictions(out / "val_predictions.jsonl", samples_of(loaders["val"]), final["val"]["scored"])
         write_json(out / "results.json", results)
-        plot_roc(out / "roc_curve.png", {split: (*m["roc"], m["auroc"]) for split, m in final.items()}, cfg.classes)
+        plot_roc(out / "roc_curve.png", {split: (*m["roc"], m["auroc"]) for split, m in final.items()},
+                        cfg.classes)
         if cfg.merge:  # output_dir/merged: base + adapter as full weights
-            base = load_base(cfg.model, processor, pretrained.base_dtype(cfg.model_dtype))
-            save_merged(base, adapter_dir, pretrained.load_processor(str(adapter_dir)), out / "merged")
-        if "test" in final:  # WAInjectBench's view: per subset, at 0.5 and at the validation threshold for the FPR
-            print(benchmark_table(out / "test_per_subset.csv", final["val"], final["test"], cfg.target_fpr,
-                                  cfg.classes))
+            save_merged(cfg, processor, adapter_dir)
+        if "test" in final:  # WAInjectBench's view: per subset, at 0.5 and at the validation threshold
+            table = benchmark_table(out / "test_per_subset.csv", final["val"], final["test"], cfg.target_fpr,
+                                           cfg.classes)
+            print(table)
         print(" | ".join(f"{split} {summary(m)}" for split, m in final.items()) +
               f" | {results['wall_seconds']:.0f} s | adapter in {adapter_dir}")
     return results
 
 
 def main(argv=None):
-    cfg = parse_config(Config, argv, __doc__.split("\n")[0], moved=MOVED)  # every setting checked against its domain
+    cfg = Config.parse(argv, __doc__.split("\n")[0], moved=MOVED)  # every setting in its domain
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    pretrained.quiet_progress_bars()  # transformers' bars: on a terminal only, like the loop's own
+    vlm.quiet_progress_bars()  # transformers' bars: on a terminal only, like the loop's own
     started = time.perf_counter()
-    accelerator = make_accelerator(cfg.mixed_precision, cfg.output_dir, cfg.grad_accum_steps, cfg.report_to)
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.grad_accum_steps, cfg.report_to, cfg.output_dir)
+    with RunFolder(accelerator, cfg.output_dir) as folder:  # one run per folder
+        # Everything that bad input can fail, before the first write: the output folder, the checkpoint, the
+        # data (every image's header), the model, tokenizer and LoRA targets (before the weights load).
+        (resume_path,) = preflight(accelerator, cfg, [Path(cfg.output_dir)])
+        data = {}
+        skipped = []
+        for split, spec in (("train", cfg.train_data), ("val", cfg.val_data), ("test", cfg.test_data)):
+            if spec is not None:
+                data[split], bad = load_samples(spec, cfg.skip_bad_images, classes=cfg.classes)
+                skipped += bad
+        check_metric_defined({s.label for s in data["val"]}, cfg.best_metric, class_words(cfg.classes),
+                                    "--val_data")
+        overlap = check_overlap(data, cfg.allow_overlap)  # an image (bytes or pixels) in two splits
+        accelerator.print(", ".join(f"{len(s)} {split} images ({sum(x.label == 0 for x in s)} {cfg.negative_label}, "
+                                    f"{sum(x.label == 1 for x in s)} {cfg.positive_label})"
+                                    for split, s in data.items()))
+        processor, answer_ids, prompt = check_model(cfg)
 
-    # Check everything that bad input can fail before the first write: the output folder, the checkpoint, the data
-    # (every image's header), the model, tokenizer and LoRA targets (before the weights load). Until start_run()
-    # nothing on disk changes; the demo's generators write only into new or empty folders.
-    (resume_path,) = preflight(accelerator, cfg, [Path(cfg.output_dir)])
-    prepare_demo_inputs(cfg, accelerator)
-    data, skipped = {}, []
-    for split, spec in (("train", cfg.train_data), ("val", cfg.val_data), ("test", cfg.test_data)):
-        if spec is not None:
-            data[split], bad = load_samples(spec, cfg.skip_bad_images, classes=cfg.classes)
-            skipped += bad
-    check_metric_defined({s.label for s in data["val"]}, cfg.best_metric, class_words(cfg.classes), "--val_data")
-    overlap = check_overlap(data, cfg.allow_overlap)  # the same image (bytes or pixels) in two splits: refused
-    accelerator.print(", ".join(f"{len(s)} {split} images ({sum(x.label == 0 for x in s)} {cfg.negative_label}, "
-                                f"{sum(x.label == 1 for x in s)} {cfg.positive_label})" for split, s in data.items()))
-    processor, answer_ids, prompt = check_model(cfg)
-
-    set_seed(cfg.seed)  # here, after the demo's generators: the LoRA initialisation and batch order depend on it alone
-    model = add_lora(cfg, load_base(cfg.model, processor, pretrained.base_dtype(cfg.model_dtype)))
-    lora_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    accelerator.print(f"{cfg.model} ({pretrained.base_dtype(cfg.model_dtype)}): {lora_parameters:,} LoRA parameters | "
-                      f"answer ids {cfg.no_token}={answer_ids[0]}, {cfg.yes_token}={answer_ids[1]}")
-    loaders = {split: make_loader(samples, processor, prompt, cfg.resize, cfg.batch_size if split == "train" else
-                                  cfg.eval_batch_size, cfg.num_workers, cfg.seed if split == "train" else None)
-               for split, samples in data.items()}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay, fused=True)
-    checkpoint_trainable_only(model)  # checkpoints: the LoRA weights, not the frozen base
-    fit_fsdp_wrapping(accelerator, model)  # FSDP2: one unit per transformer block the model has
-    model, optimizer, *prepared = accelerator.prepare(model, optimizer, *loaders.values())
-    loaders = dict(zip(loaders, prepared))
-    ema = EMA(model.parameters(), decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
-    guard = NonFiniteGuard(accelerator, model, optimizer, cfg.nan_lr_backoff, cfg.max_nonfinite_in_a_row)
-    state = TrainState()
-    if resume_path is not None:  # the same objects that train() checkpoints
-        checkpointed = {"train_state": state, "guard": guard} | ({"ema": ema} if ema else {})
-        load_checkpoint(accelerator, resume_path, checkpointed, config=cfg)
-    start_run(accelerator, cfg, RUN_OUTPUTS, fresh=resume_path is None, project="llava_injection")
-    # SIGTERM/SIGINT: during training, finish the step, checkpoint and exit 75; after it, finish the final
-    # phase (save, score, write) and exit 0. A second signal stops at once.
-    run = Run(Path(cfg.output_dir), MetricsLog(accelerator, Path(cfg.output_dir), step_offset=state.step
-                                               if resume_path else None), Preemption().install(), set(skipped))
-    if train(cfg, accelerator, model, optimizer, loaders, answer_ids, ema, guard, state, run):
-        exit_preempted(accelerator, state.step)
-    if not state.best_weights and ema:
-        ema.copy_to()  # no validation ran (e.g. a tiny --max_steps): use the current EMA weights
-    results = save_and_score(cfg, accelerator, model, processor, loaders, answer_ids, state, guard, run, started,
-                             overlap)
-    finish(accelerator, run.preemption)
+        set_seed(cfg.seed)  # the LoRA initialisation and the batch order depend on it alone
+        dtype = base_dtype(cfg.model_dtype)
+        model = add_lora(cfg, load_base(cfg.model, processor, dtype))
+        lora_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        accelerator.print(f"{cfg.model} ({dtype}): {lora_parameters:,} LoRA parameters | answer ids "
+                          f"{cfg.no_token}={answer_ids[0]}, {cfg.yes_token}={answer_ids[1]}")
+        loaders = {split: make_loader(samples, processor, prompt, cfg.resize,
+                                      cfg.batch_size if split == "train" else cfg.eval_batch_size, cfg.num_workers,
+                                      cfg.seed if split == "train" else None) for split, samples in data.items()}
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                      weight_decay=cfg.weight_decay, fused=True)
+        checkpoint_trainable_only(model)  # checkpoints: the LoRA weights, not the frozen base
+        fit_fsdp_wrapping(accelerator, model)  # FSDP2: one unit per transformer block the model has
+        model, optimizer, *prepared = accelerator.prepare(model, optimizer, *loaders.values())
+        loaders = dict(zip(loaders, prepared))
+        ema = EMA(model.parameters(), decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
+        guard = NonFiniteGuard(accelerator, model, optimizer, cfg.nan_lr_backoff, cfg.max_nonfinite_in_a_row)
+        state = TrainState()
+        if resume_path is not None:  # the same objects that train() checkpoints
+            load_checkpoint(accelerator, resume_path, state, {"guard": guard} | ({"ema": ema} if ema else {}), cfg)
+        start_run(accelerator, cfg, folder, RUN_OUTPUTS, fresh=resume_path is None, project="llava_injection")
+        # SIGTERM/SIGINT: during training, finish the step, checkpoint and exit 75; after it, finish the final
+        # phase (save, score, write) and exit 0. A second signal stops at once.
+        log = MetricsLog(accelerator, Path(cfg.output_dir), step_offset=state.step if resume_path else None)
+        run = Run(Path(cfg.output_dir), log, Preemption().install(), set(skipped))
+        if train(cfg, accelerator, model, optimizer, loaders, answer_ids, ema, guard, state, run):
+            exit_preempted(accelerator, state.step)
+        if not state.best_weights and ema:
+            ema.copy_to()  # no validation ran (e.g. a tiny --max_steps): use the current EMA weights
+        facts = run_facts(accelerator, state, guard, cfg.seed, started)
+        facts |= {"images_in_two_splits": overlap[0], "copies_within_a_split": overlap[1]}
+        results = save_and_score(cfg, accelerator, model, processor, loaders, answer_ids, state, run, facts)
+        finish(accelerator, run.preemption)
     return results
 
 

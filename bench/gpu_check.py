@@ -323,7 +323,7 @@ def model_flops_per_sample(config, text_tokens: int, image_tokens: int | None = 
     """2 x forward matmul FLOPs (see the module docstring), from the config and the sample's token counts: LLaVA-1.5
     turns a picture into one tile's patches; LLaVA-NeXT runs the vision tower and the projector on every tile
     (`tiles`), then keeps `image_tokens` of their features (the padding cut off, a newline per row added)."""
-    from common.pretrained import used_vision_layers
+    from llava_models import used_vision_layers
 
     v, t = config.vision_config, config.text_config
     vision_tokens = (v.image_size // v.patch_size) ** 2 + 1  # + CLS

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.duplicates import find_overlap, hash_all, pixel_hash  # noqa: E402
+from llava_images import find_overlap, in_threads, pixel_hash  # noqa: E402
 from tools.make_synthetic_screenshots import _inject, _page  # noqa: E402
 
 
@@ -61,7 +61,7 @@ def main():
               "test": paths[int(0.8 * len(paths)):]}
 
     start = time.perf_counter()
-    pixels = dict(zip(paths, hash_all(pixel_hash, paths)))
+    pixels = dict(zip(paths, in_threads(pixel_hash, paths)))
     pixel_seconds = time.perf_counter() - start
     rows = []
     for cache in ("cold", "warm"):

@@ -28,9 +28,8 @@ from accelerate import Accelerator, DataLoaderConfiguration  # noqa: E402
 import train_dual_task as tdt  # noqa: E402
 from common.ema import EMA  # noqa: E402
 from common.guard import NonFiniteGuard  # noqa: E402
-from common.launch import Run  # noqa: E402
 from common.preemption import Preemption  # noqa: E402
-from common.run_log import MetricsLog  # noqa: E402
+from common.run_log import MetricsLog, Run  # noqa: E402
 
 
 def bare_loop(model, loader, steps: int, lr: float) -> float:

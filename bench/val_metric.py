@@ -29,9 +29,8 @@ import train_dual_task as tdt  # noqa: E402
 from common.config import parse_config  # noqa: E402
 from common.ema import EMA  # noqa: E402
 from common.guard import NonFiniteGuard  # noqa: E402
-from common.launch import Run  # noqa: E402
 from common.preemption import Preemption  # noqa: E402
-from common.run_log import MetricsLog  # noqa: E402
+from common.run_log import MetricsLog, Run  # noqa: E402
 
 SETTINGS = {"defaults": [], "lr 2e-3": ["--lr", "2e-3"]}
 

@@ -1,68 +1,54 @@
-"""Atomic, verified checkpoints and resume, on the same or another number of processes (both training scripts;
-predict_dual_task.py's model file).
+"""Atomic, verified checkpoints and resume, on the same or another number of processes (both training scripts).
 
-Layout under `output_dir/checkpoints/`:
+Under `<run>/checkpoints/`:
 
-    step_00000120/            one complete checkpoint
-        model.safetensors, optimizer.bin, random_states_*.pkl   (accelerator.save_state; FSDP2: sharded folders)
-        train_state.pt        (the loop's state: step, EMA, guard, best weights ... as whole tensors; loaded with
-                               weights_only=True)
-        meta.json             (written last: the step, the number of processes, the run's settings, how far into
-                               its epoch the loop was, and the size and SHA-256 of every other file; a folder without
-                               it is ignored)
-    LATEST                    the name of the newest complete checkpoint
-    BEST                      the name of the checkpoint saved with `best=True` (kept when pruning)
+    step_00000120/  model.safetensors, optimizer.bin, random_states_*.pkl  (accelerator.save_state; FSDP2: folders)
+                    train_state.pt  the loop's state and the objects beside it (EMA, guard, ...) as whole tensors
+                    meta.json       written last: the step, the processes, the run's settings, the position in the
+                                    epoch in samples, and the size and SHA-256 of every other file
+    LATEST, BEST    the newest checkpoint, and the one saved with best=True (kept when pruning)
 
-A checkpoint is written to a hidden temporary folder and renamed into place, so a kill during a
-save never leaves a broken "latest". Every process calls `save_checkpoint` and `load_checkpoint`
-(save_state gathers across ranks, each rank stores its own RNG and shard state, and the EMA gathers its
-shards); only the main process writes train_state.pt, renames, writes LATEST and prunes. With several
-machines, `output_dir` must be on a filesystem that every machine sees.
-
-Resuming checks before it loads anything: every file against its recorded size and checksum (a
-disk that filled up, a copy cut short), and the settings that must not change within a run
-(`metadata={"same_on_resume": True}` on a Config field: the model's shape, the data split) against
-the ones the checkpoint was written with. `--resume_from latest` skips a damaged newest checkpoint
-for the newest intact one and says so (a warning line); a damaged checkpoint named by path is refused
-with the name of the newest intact one.
-
-Elastic resume: a checkpoint continues on another number of processes (or batch size) of the same kind of
-launch (sharded or not): the model and optimizer through Accelerate (DDP's files are whole; FSDP2's are
-resharded by torch.distributed.checkpoint), the loop state from its whole tensors. The position in the epoch is
-kept in samples (the loop's state "train_state" counts its micro-batches in `batches_done`), so that the rest of
-the epoch's shuffled samples are each seen once. The global batch must stay the same (split into other
---batch_size x processes x --grad_accum_steps): the run's steps and LR schedule count it.
+A checkpoint is written to a hidden folder and renamed into place, so a kill during a save never leaves
+a broken one. Every process calls save_checkpoint and load_checkpoint (save_state and the EMA gather);
+the main process writes the files of its own. Before a resume loads anything, its files are checked
+against their checksums (`--resume_from latest` skips a damaged newest checkpoint for the newest intact
+one) and `check_fits` refuses one that this run cannot continue: of another kind of launch, another
+global batch (the unit of the steps and the LR schedule), or other `same_on_resume` settings. On another
+number of processes the model and optimizer load through Accelerate (DDP's files are whole, FSDP2's
+resharded), and the epoch goes on from the sample it stopped at, so each remaining sample is seen once.
 """
 
 import dataclasses
-import hashlib
 import json
-import os
 import pickle
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from accelerate.utils import DistributedType
 
 from common.errors import UserError, first_line, warn
-from common.run_log import follow_umask, replace_folder, writing
+from common.run_log import file_sha256, follow_umask, replace_folder, write_atomic, writing
 
 LATEST = "LATEST"
 BEST = "BEST"
 META = "meta.json"
-TRAIN_STATE = "train_state.pt"
+LOOP = "train_state.pt"
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+@dataclasses.dataclass
+class LoopState:
+    """What common/ reads and restores of a training loop's state; each script's TrainState extends it."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epochs completed
+    batches_done: int = 0  # micro-batches consumed in the current epoch, on each process
+    train_samples: int = 0  # over finished epochs, all processes: the throughput in results.json
+    train_seconds: float = 0.0
 
 
-def _read_meta(folder: Path) -> dict | None:
-    """meta.json as a dict with an integer step, or None if it is missing or garbled."""
+def _meta(folder: Path) -> dict | None:
+    """meta.json, or None if it is missing or garbled."""
     try:
         meta = json.loads((folder / META).read_text())
     except (OSError, ValueError):
@@ -71,258 +57,180 @@ def _read_meta(folder: Path) -> dict | None:
     return meta if ok else None
 
 
-def _complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every complete checkpoint, oldest first, read from meta.json, not folder names."""
-    found = []
-    for folder in root.iterdir() if root.is_dir() else []:
-        if folder.is_dir() and not folder.name.startswith(".") and (meta := _read_meta(folder)) is not None:
-            found.append((meta["step"], folder))
-    return sorted(found)
+def _checkpoints(run_dir: Path, complete: bool = False) -> list[Path]:
+    """A run's checkpoint folders (with a meta.json; `complete`: a readable one), newest first: by meta.json's
+    step, else by the step in the folder's name."""
+    def step(folder):
+        meta = _meta(folder)
+        digits = folder.name.removeprefix("step_")
+        return meta["step"] if meta else int(digits) if digits.isdigit() else -1
+
+    root = Path(run_dir) / "checkpoints"
+    folders = [f for f in root.iterdir() if f.is_dir() and not f.name.startswith(".")] if root.is_dir() else []
+    folders = [f for f in folders if (_meta(f) if complete else (f / META).exists())]
+    return sorted(folders, key=lambda f: (step(f), f.name), reverse=True)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _file_records(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != META}
-
-
-def _state_of(obj) -> dict:  # a dataclass's fields as they are (not deep-copied: they are saved at once)
-    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)} if dataclasses.is_dataclass(obj) \
-        else obj.state_dict()
-
-
-def _load_state_into(obj, state: dict) -> None:
-    if dataclasses.is_dataclass(obj):
-        for key, value in state.items():
-            setattr(obj, key, value)
-    else:
-        obj.load_state_dict(state)
-
-
-def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict, keep_last: int = 2,
-                    best: bool = False, config=None) -> Path:
-    """Save model, optimizer, RNG (via save_state) and `state` ({name: a dataclass, or an object with state_dict()}).
-
-    Keeps the newest `keep_last` checkpoints plus the one marked `best` (by the loop's own
-    validation metric), so that a run can always be restarted from its best point. `config` (the
-    run's Config) is recorded so that a resume with settings that do not fit is refused.
-    """
-    root = Path(output_dir) / "checkpoints"
-    final = root / f"step_{step:08d}"
-    tmp = root / f".tmp_step_{step:08d}"
-    if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        warn_if_it_may_not_fit(root)
-    accelerator.wait_for_everyone()
-    with writing(tmp, tmp=tmp):  # a failed write (a full disk) removes the half-written folder, then exits 74
-        accelerator.save_state(str(tmp))
-        loop_state = {name: _state_of(obj) for name, obj in state.items()}  # on every process: the EMA gathers
-        if accelerator.is_main_process:
-            torch.save(loop_state, tmp / TRAIN_STATE)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            meta = {"step": step, "num_processes": accelerator.num_processes, "sharded": _sharded(accelerator)}
-            if config is not None:
-                meta["config"] = dataclasses.asdict(config)
-                batches_done = getattr(state.get("train_state"), "batches_done", 0)
-                meta["samples_into_epoch"] = batches_done * config.batch_size * accelerator.num_processes
-            meta["files"] = _file_records(tmp)
-            (tmp / META).write_text(json.dumps(meta, indent=1))
-            replace_folder(tmp, final)
-    if accelerator.is_main_process:
-        _write_text_atomic(root / LATEST, final.name)
-        if best:
-            _write_text_atomic(root / BEST, final.name)
-        protected = {final.resolve()}
-        if (root / BEST).is_file():
-            protected.add((root / (root / BEST).read_text().strip()).resolve())
-        complete = _complete_checkpoints(root)
-        for _, folder in complete[: max(0, len(complete) - keep_last)]:
-            if folder.resolve() not in protected:
-                shutil.rmtree(folder, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def warn_if_it_may_not_fit(root: Path) -> None:
-    """Warn before a checkpoint is written when the filesystem has less room than the last one took."""
-    newest = _complete_checkpoints(root)[-1:]
-    if newest:
-        size = sum(p.stat().st_size for p in newest[0][1].rglob("*") if p.is_file())
-        free = shutil.disk_usage(root).free
-        if free < size:
-            warn(f"{root} has {free / 2**20:,.1f} MB free and the last checkpoint took {size / 2**20:,.1f} MB: the "
-                 f"next may not fit; make room before it fails")
-
-
-def newest_intact_checkpoint(output_dir: Path) -> Path | None:
-    """The newest checkpoint under output_dir/checkpoints whose files all match their checksums, or None."""
-    complete = _complete_checkpoints(Path(output_dir) / "checkpoints")
-    return next((folder for _, folder in reversed(complete) if checkpoint_problem(folder) is None), None)
-
-
-def find_latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint, from LATEST if it points at one, else the highest step on disk."""
-    root = Path(output_dir) / "checkpoints"
-    pointer = root / LATEST
-    if pointer.is_file():
-        candidate = root / pointer.read_text(errors="replace").strip()
-        if candidate.name and _read_meta(candidate) is not None:
-            return candidate
-    complete = _complete_checkpoints(root)
-    return complete[-1][1] if complete else None
-
-
-def checkpoint_problem(folder: Path) -> str | None:
-    """What is wrong with a checkpoint folder (garbled meta.json, a file missing, cut short or altered), or None."""
-    meta = _read_meta(folder)
+def problem(folder: Path) -> str | None:
+    """What is wrong with a checkpoint (garbled meta.json, a file missing, cut short or altered), or None."""
+    meta = _meta(folder)
     if meta is None:
         return f"its {META} is missing or garbled"
-    for name, record in meta.get("files", {}).items():  # checkpoints from before checksums: nothing to compare
+    for name, record in meta.get("files", {}).items():
         path = folder / name
         if not path.is_file():
             return f"its file {name} is missing"
         if path.stat().st_size != record["bytes"]:
             return f"its file {name} has {path.stat().st_size:,} bytes, {record['bytes']:,} were written"
-        if _sha256(path) != record["sha256"]:
+        if file_sha256(path) != record["sha256"]:
             return f"its file {name} does not match the checksum it was written with"
     return None
 
 
-def resolve_resume(output_dir: str | Path, resume_from: str | None) -> Path | None:
-    """Turn `--resume_from` (None, 'latest' or a path) into an intact checkpoint folder, or None to start fresh."""
-    if not resume_from:
-        return None
-    root = Path(output_dir) / "checkpoints"
-    def step_of(folder: Path) -> int:  # from meta.json; for a garbled one, from the folder's name
-        meta, digits = _read_meta(folder), folder.name.removeprefix("step_")
-        return meta["step"] if meta else int(digits) if digits.isdigit() else -1
-
-    candidates = sorted((folder for folder in (root.iterdir() if root.is_dir() else [])
-                         if folder.is_dir() and not folder.name.startswith(".") and (folder / META).exists()),
-                        key=lambda f: (step_of(f), f.name), reverse=True)  # newest first
-    if resume_from == "latest":
-        for folder in candidates:
-            if (problem := checkpoint_problem(folder)) is None:
-                return folder
-            warn(f"checkpoint {folder} is damaged ({problem}); trying the one before it")
-        if candidates:
-            raise UserError(f"every checkpoint in {root} is damaged; start a new run in another --output_dir")
-        return None  # nothing saved yet: start from scratch
-    path = Path(resume_from)
-    if not (path / META).is_file():
-        raise UserError(f"--resume_from {path} is not a complete checkpoint folder (no {META}); "
-                        f"pass 'latest' or a folder under {root}")
-    if (problem := checkpoint_problem(path)) is not None:
-        intact = next((f for f in candidates if f.resolve() != path.resolve() and checkpoint_problem(f) is None), None)
-        fix = f"pass --resume_from {intact} (the newest intact checkpoint)" if intact else "start a new run"
-        raise UserError(f"checkpoint {path} is damaged: {problem}; {fix}")
-    return path
+def newest_intact(run_dir: Path) -> Path | None:
+    return next((folder for folder in _checkpoints(run_dir) if problem(folder) is None), None)
 
 
 def _sharded(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
-def _global_batch(config, num_processes: int) -> int:
-    return config.batch_size * num_processes * config.grad_accum_steps
+def save_checkpoint(accelerator, run_dir: Path, state: LoopState, objects: dict, cfg, best: bool = False) -> Path:
+    """Save the prepared model, optimizer and RNG (save_state), the loop's `state` and `objects` ({name: an
+    object with state_dict()}); keep the newest --keep_checkpoints and the best (`best`: by the loop's own
+    validation metric), so a run can always go back to its best point."""
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"step_{state.step:08d}"
+    tmp = root / f".tmp_{final.name}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = _checkpoints(run_dir, complete=True)[:1]
+        size = sum(p.stat().st_size for folder in last for p in folder.rglob("*") if p.is_file())
+        if (free := shutil.disk_usage(root).free) < size:
+            warn(f"{root} has {free / 2**20:,.1f} MB free and the last checkpoint took {size / 2**20:,.1f} MB: the "
+                 f"next may not fit; make room before it fails")
+    accelerator.wait_for_everyone()
+    with writing(tmp, tmp=tmp):  # a failed write (a full disk) removes the half-written folder, then exits 74
+        accelerator.save_state(str(tmp))
+        saved = {"train_state": vars(state)} | {name: obj.state_dict() for name, obj in objects.items()}
+        if accelerator.is_main_process:  # state_dict() on every process: the EMA gathers its shards
+            torch.save(saved, tmp / LOOP)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            files = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+                     for p in sorted(tmp.rglob("*")) if p.is_file()}
+            meta = {"step": state.step, "num_processes": accelerator.num_processes, "sharded": _sharded(accelerator),
+                    "config": dataclasses.asdict(cfg), "files": files,
+                    "samples_into_epoch": state.batches_done * cfg.batch_size * accelerator.num_processes}
+            (tmp / META).write_text(json.dumps(meta, indent=1))
+            replace_folder(tmp, final)
+    if accelerator.is_main_process:
+        write_atomic(root / LATEST, final.name)
+        if best:
+            write_atomic(root / BEST, final.name)
+        kept = {final.name, (root / BEST).read_text().strip() if (root / BEST).is_file() else None}
+        for folder in _checkpoints(run_dir, complete=True)[cfg.keep_checkpoints:]:
+            if folder.name not in kept:
+                shutil.rmtree(folder, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
 
 
-def _check_global_batch(path: Path, was, was_processes: int, config, processes: int) -> None:
-    """The global batch (--batch_size x processes x --grad_accum_steps) is the unit of the run's steps, its LR
-    schedule and its position in the epoch: a resume may split it otherwise, on any number of processes, not change
-    it. The error line names flags that keep it on this number of processes, if there are any."""
-    old, new = _global_batch(was, was_processes), _global_batch(config, processes)
-    if old == new:
-        return
-    if old % processes:
-        fix = f"resume on a number of processes that divides {old:,}"
-    elif old // processes % config.batch_size == 0:
-        fix = f"e.g. --grad_accum_steps {old // processes // config.batch_size} with --batch_size {config.batch_size}"
-    else:
-        fix = f"e.g. --batch_size {old // processes} --grad_accum_steps 1"
-    raise UserError(f"checkpoint {path} was trained with a global batch of {old:,} (--batch_size {was.batch_size} x "
-                    f"{was_processes} processes x --grad_accum_steps {was.grad_accum_steps}), this run's would be "
-                    f"{new:,}; its steps and LR schedule count that batch: keep it, {fix}")
+def resolve_resume(run_dir: Path, resume_from: str | None) -> Path | None:
+    """`--resume_from` (None, 'latest' or a path) as an intact checkpoint folder; None: start afresh."""
+    if not resume_from:
+        return None
+    root = Path(run_dir) / "checkpoints"
+    candidates = _checkpoints(run_dir)
+    if resume_from == "latest":
+        for folder in candidates:
+            if (why := problem(folder)) is None:
+                return folder
+            warn(f"checkpoint {folder} is damaged ({why}); trying the one before it")
+        if candidates:
+            raise UserError(f"every checkpoint in {root} is damaged; start a new run in another --output_dir")
+        return None  # nothing saved yet: start from scratch
+    path = Path(resume_from)
+    if not (path / META).is_file():
+        raise UserError(f"--resume_from {path} is not a complete checkpoint folder (no {META}); pass 'latest' or a "
+                        f"folder under {root}")
+    if (why := problem(path)) is not None:
+        intact = next((f for f in candidates if f.resolve() != path.resolve() and problem(f) is None), None)
+        fix = f"pass --resume_from {intact} (the newest intact checkpoint)" if intact else "start a new run"
+        raise UserError(f"checkpoint {path} is damaged: {why}; {fix}")
+    return path
 
 
-def check_checkpoint_fits(accelerator, path: Path, config=None) -> dict:
-    """Refuse, reading only meta.json, a checkpoint this run cannot continue: from an older version of this code, of
-    another kind of launch (sharded or not), with another global batch, or with other values of `config`'s
-    `same_on_resume` settings; returns meta.json."""
-    meta = _read_meta(path)
-    if meta is None:
-        raise UserError(f"checkpoint {path} is damaged: its {META} is missing or garbled; resume from another "
-                        f"checkpoint")
-    if TRAIN_STATE not in meta.get("files", {}) or "sharded" not in meta:
+def check_fits(accelerator, path: Path, cfg) -> None:
+    """Refuse, reading only meta.json, a checkpoint this run cannot continue: from an older version of this code,
+    of another kind of launch, with another global batch or with other `same_on_resume` settings."""
+    meta = _meta(path)
+    if LOOP not in meta.get("files", {}) or "sharded" not in meta:
         raise UserError(f"checkpoint {path} was written by an older version of this script, which kept the loop "
                         f"state per process; finish that run with that version, or start a new run")
     if meta["sharded"] != _sharded(accelerator):
         kinds = ("an FSDP launch", "a launch without FSDP (one process or DDP)")
-        was, now = kinds[not meta["sharded"]], kinds[not _sharded(accelerator)]
-        raise UserError(f"checkpoint {path} was written by {was}, this is {now}; resume it with {was} (any number of "
-                        f"processes)")
-    if config is not None and "config" in meta:
-        _check_global_batch(path, SimpleNamespace(**meta["config"]), meta["num_processes"], config,
-                            accelerator.num_processes)
-        for f in dataclasses.fields(config):
-            saved, asked = meta["config"].get(f.name), getattr(config, f.name)
-            if f.metadata.get("same_on_resume") and f.name in meta["config"] and saved != asked:
-                raise UserError(f"checkpoint {path} was trained with --{f.name} {saved!r}, this run asks for "
-                                f"{asked!r}; resume with --{f.name} {saved!r}, or start a new run in another "
-                                f"--output_dir")
-    return meta
+        raise UserError(f"checkpoint {path} was written by {kinds[not meta['sharded']]}, this is "
+                        f"{kinds[not _sharded(accelerator)]}; resume it with {kinds[not meta['sharded']]} (any "
+                        f"number of processes)")
+    was = meta["config"]
+    old = was["batch_size"] * meta["num_processes"] * was["grad_accum_steps"]
+    processes = accelerator.num_processes
+    if old != (new := cfg.batch_size * processes * cfg.grad_accum_steps):
+        if old % processes:
+            fix = f"resume on a number of processes that divides {old:,}"
+        elif old // processes % cfg.batch_size == 0:
+            fix = f"e.g. --grad_accum_steps {old // processes // cfg.batch_size} with --batch_size {cfg.batch_size}"
+        else:
+            fix = f"e.g. --batch_size {old // processes} --grad_accum_steps 1"
+        raise UserError(f"checkpoint {path} was trained with a global batch of {old:,} (--batch_size "
+                        f"{was['batch_size']} x {meta['num_processes']} processes x --grad_accum_steps "
+                        f"{was['grad_accum_steps']}), this run's would be {new:,}; its steps and LR schedule count "
+                        f"that batch: keep it, {fix}")
+    for f in dataclasses.fields(cfg):
+        if f.metadata.get("same_on_resume") and f.name in was and was[f.name] != getattr(cfg, f.name):
+            raise UserError(f"checkpoint {path} was trained with --{f.name} {was[f.name]!r}, this run asks for "
+                            f"{getattr(cfg, f.name)!r}; resume with --{f.name} {was[f.name]!r}, or start a new run in "
+                            f"another --output_dir")
 
 
-def load_checkpoint(accelerator, path: Path, state: dict, config=None) -> dict:
-    """Restore what save_checkpoint wrote into the prepared objects and `state`, and say so; returns meta.json.
-
-    Refuses, before loading anything, a checkpoint that `check_checkpoint_fits` refuses (`resolve_resume` has
-    checked its files). Written by another number of processes (or the same global batch split otherwise), it
-    continues where it stopped in the epoch, and one line says how the run continues.
-    """
-    meta = check_checkpoint_fits(accelerator, path, config)
+def load_checkpoint(accelerator, path: Path, state: LoopState, objects: dict, cfg) -> None:
+    """Restore what save_checkpoint wrote (`resolve_resume` and `check_fits` have passed it) and say so; on another
+    number of processes, or the global batch split otherwise, one more line says how it goes on."""
+    meta = _meta(path)
     try:
         accelerator.load_state(str(path))
-        saved = torch.load(path / TRAIN_STATE, map_location="cpu", weights_only=True)
-        for name, obj in state.items():
-            _load_state_into(obj, saved[name])
-    except UserError:
-        raise
+        saved = torch.load(path / LOOP, map_location="cpu", weights_only=True)
+        for key, value in saved["train_state"].items():
+            setattr(state, key, value)
+        for name, obj in objects.items():
+            obj.load_state_dict(saved[name])
     except (OSError, RuntimeError, ValueError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as err:
         raise UserError(f"checkpoint {path} does not fit this run ({type(err).__name__}: {first_line(err)}); resume "
                         f"with the settings it was written with, or start a new run in another --output_dir") from None
     accelerator.print(f"resumed from {path} at step {meta['step']}")
-    if config is not None and "train_state" in state:
-        loop, samples = state["train_state"], meta.get("samples_into_epoch", 0)
-        loop.batches_done = samples // (config.batch_size * accelerator.num_processes)  # this run's, per process
-        accelerator.step = loop.batches_done  # accumulate()'s count; a process new to the run has none saved
-        split = (accelerator.num_processes, config.batch_size, config.grad_accum_steps)
-        if split != (meta["num_processes"], meta["config"]["batch_size"], meta["config"]["grad_accum_steps"]):
-            accelerator.print(
-                f"elastic resume: written by {meta['num_processes']} process(es), continued on {split[0]}; the global "
-                f"batch stays {_global_batch(config, split[0]):,} (--batch_size {split[1]} x {split[0]} x "
-                f"--grad_accum_steps {split[2]}); the epoch goes on from sample {samples:,}, each sample once; not "
-                f"bit-identical to an uninterrupted run (sums in another order)")
-    return meta
+    processes = accelerator.num_processes
+    state.batches_done = meta["samples_into_epoch"] // (cfg.batch_size * processes)  # this run's micro-batches
+    accelerator.step = state.batches_done  # accumulate()'s count: a process new to the run has none saved
+    was = meta["config"]
+    if (processes, cfg.batch_size, cfg.grad_accum_steps) != (meta["num_processes"], was["batch_size"],
+                                                            was["grad_accum_steps"]):
+        accelerator.print(f"elastic resume: written by {meta['num_processes']} process(es), continued on {processes}; "
+                          f"the global batch stays {cfg.batch_size * processes * cfg.grad_accum_steps:,} (--batch_size "
+                          f"{cfg.batch_size} x {processes} x --grad_accum_steps {cfg.grad_accum_steps}); the epoch "
+                          f"goes on from sample {meta['samples_into_epoch']:,}, each sample once; not bit-identical "
+                          f"to an uninterrupted run (sums in another order)")
 
 
-def save_model_atomically(accelerator, model, output_dir: Path) -> None:
-    """model.safetensors via a temporary folder and a rename: a kill while saving leaves no half-written file."""
-    tmp = output_dir / ".model.tmp"
+def save_model_atomically(accelerator, model, run_dir: Path) -> None:
+    """run_dir/model.safetensors through a temporary folder and a rename: a kill leaves no half-written file."""
+    tmp = run_dir / ".model.tmp"
     with writing(tmp / "model.safetensors", tmp=tmp):
         accelerator.save_model(model, tmp)  # gathers the weights on every process (FSDP); the main process writes
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             follow_umask(tmp / "model.safetensors")  # safetensors writes 0600: readable by its owner only
-            os.replace(tmp / "model.safetensors", output_dir / "model.safetensors")
+            (tmp / "model.safetensors").replace(run_dir / "model.safetensors")
             shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()

@@ -35,17 +35,14 @@ class EMA:
     @torch.no_grad()
     def update(self) -> None:
         weight = 1.0 - self.current_decay()
-        current = [local(p).detach() for p in self.parameters]
-        if any(t.dtype != torch.float32 for t in current):
-            current = [t.float() for t in current]
+        current = [local(p).detach().float() for p in self.parameters]  # .float() copies only half precision
         torch._foreach_lerp_(self.shadow, current, weight)
         self.num_updates += 1
 
     @torch.no_grad()
-    def copy_to(self, parameters=None) -> None:
+    def copy_to(self) -> None:
         """Overwrite the parameters with the averaged weights."""
-        for p, avg in zip(parameters or self.parameters, self.shadow):
-            local(p).copy_(avg)
+        torch._foreach_copy_([local(p) for p in self.parameters], self.shadow)
 
     @contextmanager
     def swapped_in(self):
@@ -56,8 +53,7 @@ class EMA:
             yield
         finally:
             with torch.no_grad():
-                for p, saved in zip(self.parameters, backup):
-                    local(p).copy_(saved)
+                torch._foreach_copy_([local(p) for p in self.parameters], backup)
 
     # Saved in checkpoints as whole tensors (gathered from the shards: every process calls state_dict), so that a
     # run can resume on another number of processes; each process loads its own part.

@@ -1,30 +1,27 @@
 """The non-finite guard of both training loops: skip NaN/Inf updates, fall back to fp32 with an LR backoff, stop
 if it persists.
 
-How it works, and why this way:
+* Every micro-batch's loss and every update's clipped gradient norm are checked on the device, and a
+  non-finite update is skipped there, through the `found_inf` tensor that PyTorch's fused optimizers
+  accept (GradScaler's mechanism): weights and moments stay untouched, with no host sync per step.
+* The decision is the same on every process: the gradient norm is all-reduced already, and the loss
+  flag is all-reduced too, so a NaN on one rank makes every rank skip.
+* Under fp16 a GradScaler skip for inf gradients is loss scaling, not an event; a non-finite loss is.
+  Under bf16/fp32 both a non-finite loss and a non-finite gradient norm are.
+* `poll()` reads the device counters (one host sync) where the loop syncs anyway, at log intervals. On
+  the first event the run goes on in fp32 for good and the base LR is multiplied by `backoff` (the loop
+  multiplies its schedule by `lr_scale`); after `max_consecutive` non-finite updates in a row in fp32,
+  it raises.
 
-* Every micro-batch's loss is recorded and every update's clipped gradient norm is checked on the
-  device. A non-finite update is skipped *on the device*, through the `found_inf` tensor that
-  PyTorch's fused optimizers accept (the mechanism GradScaler uses): the optimizer leaves the weights
-  and its moments untouched and there is no host synchronisation per step.
-* The decision is identical on every process: the gradient norm is already all-reduced, and the
-  per-process loss flag is all-reduced too, so a NaN on one rank makes every rank skip.
-* Under fp16 a GradScaler skip for inf gradients is normal loss scaling, not an event; only a
-  non-finite loss is. Under bf16/fp32 both a non-finite loss and a non-finite gradient norm are.
-* `poll()` reads the device counters (one host sync) and acts; the loop calls it where it syncs
-  anyway, at logging intervals. On the first event the run switches to fp32 for good and the base LR
-  is multiplied by `backoff`; the loop multiplies its schedule by `guard.lr_scale`, so the schedule
-  keeps the backoff. After `max_consecutive` non-finite updates in a row in fp32 it raises.
-
-Turning mixed precision off mid-run needs more than `AutocastKwargs(enabled=False)`: Accelerate's
-`prepare()` wrapped `model.forward` in its own autocast, which would win. `disable_mixed_precision`
-removes that wrapper, turns off `accelerator.autocast()` and the GradScaler, resets FSDP2's
-mixed-precision policy (which casts the parameters for every forward), and upcasts any
-half-precision weights and optimizer state.
+Turning mixed precision off mid-run takes more than `AutocastKwargs(enabled=False)`: `prepare()`
+wrapped `model.forward` in its own autocast, which would win. `disable_mixed_precision` removes that
+wrapper, turns off `accelerator.autocast()` and the GradScaler, resets FSDP2's mixed-precision policy
+and upcasts half-precision weights and optimizer state.
 """
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 
 from common.errors import NonFiniteTrainingError
 
@@ -47,7 +44,7 @@ def disable_mixed_precision(accelerator, model) -> None:
     for opt in accelerator._optimizers:
         opt.scaler = None  # AcceleratedOptimizer.step() stops going through the scaler
     with torch.no_grad():
-        if _is_fsdp2(unwrapped):
+        if any(isinstance(module, FSDPModule) for module in unwrapped.modules()):
             # FSDP2 keeps its own reference to each shard's storage; its Module._apply override (behind .to())
             # re-registers the converted shards, where swapping .data below would leave it gathering the old ones.
             unwrapped.to(torch.float32)
@@ -63,21 +60,10 @@ def disable_mixed_precision(accelerator, model) -> None:
     _fsdp2_compute_in_fp32(unwrapped)  # after the upcast: FSDP2 derives its dtypes from the shards'
 
 
-def _is_fsdp2(model) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return any(isinstance(module, FSDPModule) for module in model.modules())
-
-
 def _fsdp2_compute_in_fp32(model) -> None:
-    """FSDP2 casts parameters to its mixed-precision policy's dtype before every forward (besides autocast).
-
-    torch has no public setter for that policy after `fully_shard`, so this resets it where FSDP2 keeps
-    it (each module's state and parameter group) and re-derives the parameters' compute dtypes; it
-    fails loudly if a torch version stores it elsewhere. A test checks that the forward then runs in fp32.
-    """
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
-
+    """FSDP2 casts parameters to its mixed-precision policy's dtype before every forward. torch has no public
+    setter for it after `fully_shard`: this resets it where FSDP2 keeps it (each module's state and parameter
+    group), loudly failing if a torch version keeps it elsewhere (a test checks the forward runs in fp32)."""
     for module in model.modules():
         if not isinstance(module, FSDPModule):
             continue
@@ -99,10 +85,8 @@ def _fsdp2_compute_in_fp32(model) -> None:
 class NonFiniteGuard:
     def __init__(self, accelerator, model, optimizer, backoff: float = 0.5, max_consecutive: int = 5):
         if not getattr(_inner_optimizer(optimizer), "_step_supports_amp_scaling", False):
-            raise ValueError(
-                "the non-finite guard skips updates through the optimizer's found_inf input; "
-                "use a fused optimizer, e.g. torch.optim.AdamW(..., fused=True)"
-            )
+            raise ValueError("the non-finite guard skips updates through the optimizer's found_inf input; use a "
+                             "fused optimizer, e.g. torch.optim.AdamW(..., fused=True)")
         self.accelerator = accelerator
         self.model = model
         self.optimizer = optimizer
@@ -118,19 +102,13 @@ class NonFiniteGuard:
         self.lr_scale = 1.0
         self.fallback_step: int | None = None
 
-    @property
-    def fell_back(self) -> bool:
-        return self.fallback_step is not None
-
     def record_loss(self, loss: torch.Tensor) -> None:
         """Call after every micro-batch's backward: remembers whether any loss in this update was non-finite."""
         self._window_loss_finite &= torch.isfinite(loss.detach()).all()
 
     def mask_nonfinite_update(self, grad_norm: torch.Tensor) -> torch.Tensor:
         """Call on sync steps after clipping: makes the coming optimizer.step() a no-op if the update is bad.
-
-        Returns the device bool "this update is finite", identical on every process.
-        """
+        Returns the device bool "this update is finite", the same on every process."""
         finite = self._window_loss_finite.clone()
         self._window_loss_finite.fill_(True)
         if self.accelerator.scaler is None:  # under fp16 the scaler owns inf gradients
@@ -157,7 +135,7 @@ class NonFiniteGuard:
         self.events_handled = total
         if new_events == 0:
             return False
-        if not self.fell_back:
+        if self.fallback_step is None:
             self.fallback_step = step
             self.lr_scale *= self.backoff
             disable_mixed_precision(self.accelerator, self.model)
@@ -166,22 +144,15 @@ class NonFiniteGuard:
                                    f"x{self.lr_scale:g}")
             return True
         if in_a_row >= self.max_consecutive:
-            raise NonFiniteTrainingError(
-                f"{in_a_row} consecutive non-finite updates in fp32 (at step {step}) after the fallback at "
-                f"step {self.fallback_step}; lower --lr or check the data for NaN/Inf, then resume from the last "
-                f"checkpoint"
-            )
+            raise NonFiniteTrainingError(f"{in_a_row} consecutive non-finite updates in fp32 (at step {step}) after "
+                                         f"the fallback at step {self.fallback_step}; lower --lr or check the data "
+                                         f"for NaN/Inf, then resume from the last checkpoint")
         return False
 
     # Saved in train_state.pt by common/checkpoint.py (loaded with weights_only=True); the same on every process.
     def state_dict(self) -> dict:
-        return {
-            "nonfinite_total": self.nonfinite_total.cpu(),
-            "nonfinite_in_a_row": self.nonfinite_in_a_row.cpu(),
-            "events_handled": self.events_handled,
-            "lr_scale": self.lr_scale,
-            "fallback_step": self.fallback_step,
-        }
+        return {"nonfinite_total": self.nonfinite_total.cpu(), "nonfinite_in_a_row": self.nonfinite_in_a_row.cpu(),
+                "events_handled": self.events_handled, "lr_scale": self.lr_scale, "fallback_step": self.fallback_step}
 
     def load_state_dict(self, state: dict) -> None:
         self.nonfinite_total.copy_(state["nonfinite_total"])
@@ -189,5 +160,5 @@ class NonFiniteGuard:
         self.events_handled = state["events_handled"]
         self.lr_scale = state["lr_scale"]
         self.fallback_step = state["fallback_step"]
-        if self.fell_back:  # a resumed run stays in fp32 once it fell back
+        if self.fallback_step is not None:  # a resumed run stays in fp32 once it fell back
             disable_mixed_precision(self.accelerator, self.model)

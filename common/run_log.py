@@ -1,8 +1,11 @@
-"""Run logging, for both training scripts: metrics.jsonl and the trackers, the running loss between log lines,
-atomic JSON files and folders, memory readings."""
+"""What a run writes, for both training scripts: metrics.jsonl (and the trackers), the running loss between
+log lines, memory readings, and files and folders written atomically with the umask's permissions; a
+library's own words for a failed write become the OSError it is."""
 
 import contextlib
+import dataclasses
 import errno
+import hashlib
 import json
 import os
 import re
@@ -13,34 +16,34 @@ from pathlib import Path
 
 import torch
 
-
-@contextlib.contextmanager
-def writing(path: Path, tmp: Path | None = None):
-    """Around a write into `path` that torch, safetensors or transformers make: a failure they report in their own
-    words (a full disk is a RuntimeError in torch's zip writer, a SafetensorError in Rust's) becomes the OSError it
-    is, naming `path`, so that it ends the run as a failed write (exit 74); `tmp`, a half-written folder, is removed."""
-    try:
-        yield
-    except BaseException as err:
-        code = err.errno if isinstance(err, OSError) else _errno_in(err, path) if isinstance(err, Exception) else None
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if code is None or isinstance(err, OSError) and err.filename:
-            raise
-        raise OSError(code, os.strerror(code), str(path)) from err
-
+from common.preemption import Preemption
 
 # How torch's zip writer and Rust's std::io say that a write failed (they carry no errno of their own).
 WRITE_FAILED = re.compile(r"iostream error|unexpected pos|file write failed|failed writing|write_all|Os \{")
 
 
+@contextlib.contextmanager
+def writing(path: Path, tmp: Path | None = None):
+    """Around a write into `path` by torch, safetensors or transformers: a failure they report in their own words
+    (a full disk is a RuntimeError in torch's zip writer, a SafetensorError in Rust's) becomes the OSError it is,
+    naming `path` (a failed write: exit 74); `tmp`, a half-written folder, is removed."""
+    try:
+        yield
+    except BaseException as err:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError) or not isinstance(err, Exception) or (code := _errno_in(err, path)) is None:
+            raise
+        raise OSError(code, os.strerror(code), str(path)) from err
+
+
 def _errno_in(err: Exception, path: Path) -> int | None:
-    """The errno that `err` (or an exception it arose from) carries in its words (Rust: "os error 28"); for a failed
-    write without one, ENOSPC if the filesystem is full now, else EIO. None if nothing says a write failed."""
-    words, cause = [], err
-    while cause is not None:
-        words.append(str(cause))
-        cause = cause.__cause__ or cause.__context__
+    """The errno in `err`'s words or its causes' (Rust: "os error 28"); for a failed write without one, ENOSPC
+    if the filesystem is full now, else EIO; None if nothing says a write failed."""
+    words = []
+    while err is not None:
+        words.append(str(err))
+        err = err.__cause__ or err.__context__
     text = " ".join(words)
     if match := re.search(r"os error (\d+)|code: (\d+)", text):
         return int(match.group(1) or match.group(2))
@@ -50,25 +53,39 @@ def _errno_in(err: Exception, path: Path) -> int | None:
     return errno.ENOSPC if shutil.disk_usage(existing).free < 2**20 else errno.EIO
 
 
-def umask_mode() -> int:
-    """The permissions this process's umask gives a new file (0644 under the usual 022)."""
+def follow_umask(path: Path) -> None:
+    """Give `path` (a file, or every file below a folder) the umask's permissions, as every other output
+    has: some writers (safetensors among them) create files 0600, which a teammate cannot read."""
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and not p.is_symlink()]
+    for file in files:
+        if file.stat().st_mode & 0o777 != 0o666 & ~mask:
+            file.chmod(0o666 & ~mask)
 
 
-def follow_umask(path: Path) -> None:
-    """Give `path` (a file, or every file below a folder) the umask's permissions, as every other output has: some
-    writers (safetensors among them) create their files 0600, which a teammate on a shared cluster cannot read."""
-    mode = umask_mode()
-    for file in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and not p.is_symlink()]:
-        if file.stat().st_mode & 0o777 != mode:
-            file.chmod(mode)
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a text file through a temporary one and a rename: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    write_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def replace_folder(tmp: Path, final: Path) -> None:
-    """Put a fully written folder in place of `final`; the old one stays whole until the new one is complete. Its
-    files get the umask's permissions first (`follow_umask`)."""
+    """Put a fully written folder in place of `final` (the old one stays whole until then), its files with
+    the umask's permissions."""
     follow_umask(tmp)
     old = final.with_name(f".{final.name}.old")
     shutil.rmtree(old, ignore_errors=True)
@@ -78,15 +95,18 @@ def replace_folder(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def write_json(path: Path, obj: dict) -> None:
-    """Write JSON atomically: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+@contextlib.contextmanager
+def atomic_folder(final: Path):
+    """Write a folder as a temporary one (yielded), put in place of `final` once whole; a failed write removes it."""
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with writing(tmp, tmp=tmp):
+        yield tmp
+        replace_folder(tmp, final)
 
 
 def _step_of(line: str) -> int | None:
-    """The step of a metrics.jsonl line; None for a line a hard kill cut short."""
+    """The step of a metrics.jsonl line; None for a line that a hard kill cut short."""
     try:
         return json.loads(line).get("step", 0)
     except (ValueError, AttributeError):
@@ -94,20 +114,18 @@ def _step_of(line: str) -> int | None:
 
 
 class MetricsLog:
-    """Appends one JSON line per record to output_dir/metrics.jsonl and forwards it to the trackers."""
+    """One JSON line per record in run_dir/metrics.jsonl, forwarded to the trackers too. A resumed run
+    (`step_offset`: its checkpoint's step) drops what the interrupted run logged after it."""
 
-    def __init__(self, accelerator, output_dir: Path, step_offset: int | None = None):
+    def __init__(self, accelerator, run_dir: Path, step_offset: int | None = None):
         self.accelerator = accelerator
-        self.path = output_dir / "metrics.jsonl"
+        self.path = run_dir / "metrics.jsonl"
         if accelerator.is_main_process:
-            output_dir.mkdir(exist_ok=True)  # a fold's folder, inside the run's
-        if accelerator.is_main_process and step_offset is not None and self.path.exists():
-            # Resuming: drop records the interrupted run wrote after its last checkpoint.
-            kept = [line for line in self.path.read_text(errors="replace").splitlines()
-                    if _step_of(line) is not None and _step_of(line) <= step_offset]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
-        elif accelerator.is_main_process and step_offset is None:
-            self.path.write_text("")
+            run_dir.mkdir(exist_ok=True)  # a fold's folder, inside the run's
+            resumed = step_offset is not None and self.path.exists()
+            lines = self.path.read_text(errors="replace").splitlines() if resumed else []
+            kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step_offset]
+            self.path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, metrics: dict, step: int) -> None:
         self.accelerator.log(metrics, step=step)
@@ -128,15 +146,26 @@ class RunningMean:
     """Sums of some per-batch values since the last log line, kept on the device: no host sync per step."""
 
     def __init__(self, size: int, device):
-        self.sums, self.batches = torch.zeros(size, device=device), 0
+        self.sums = torch.zeros(size, device=device)
+        self.batches = 0
 
     def add(self, *values: torch.Tensor) -> None:
         self.sums += torch.stack([v.detach().reshape(()) for v in values])
         self.batches += 1
 
     def pop_mean(self, accelerator) -> list[float]:
-        """The means over every process since the last call (a host sync: call it only where the loop logs)."""
+        """The means over every process since the last call (a host sync: only where the loop logs)."""
         mean = (accelerator.reduce(self.sums, "mean") / max(1, self.batches)).tolist()
         self.sums.zero_()
         self.batches = 0
         return mean
+
+
+@dataclasses.dataclass
+class Run:
+    """Where one model's training writes and what may stop it: handed to train() beside the model."""
+
+    dir: Path  # its checkpoints/ and metrics.jsonl go here
+    log: MetricsLog
+    preemption: Preemption
+    skipped: set[str] = dataclasses.field(default_factory=set)  # inputs skipped on this process (bad images)

@@ -1,4 +1,5 @@
-"""Learning-rate (and weight-decay) schedules as stateless functions of the step, for both training scripts.
+"""Learning-rate (and weight-decay) schedules as stateless functions of the step, for both training scripts; and
+a warning when a run is too short to train or validate.
 
 The loop writes `base_lr * factor(step)` into the optimizer's param groups itself (as nanoGPT's
 `get_lr` does), so a resumed run only needs the step to be back on the same curve, and an LR
@@ -10,6 +11,8 @@ a non-zero LR on their very first update call it with `n + 1` or start the warmu
 """
 
 import math
+
+from common.errors import warn
 
 
 def linear_warmup(step: int, warmup_steps: int, start_factor: float = 0.0) -> float:
@@ -48,3 +51,13 @@ def milestone_factor(epoch: int, milestones: list[int], factors: list[float]) ->
         if epoch >= after:
             factor = f
     return factor
+
+
+def warn_if_short(total_steps: int, steps_per_epoch: int, max_steps: int, untrained: str, unvalidated: str) -> None:
+    """Legal but surprising: no training at all (what happens then: `untrained`), or --max_steps ending it
+    before the first epoch's validation (`unvalidated`)."""
+    if total_steps == 0:
+        warn(f"--epochs 0: nothing is trained; {untrained}")
+    elif total_steps < steps_per_epoch:
+        warn(f"--max_steps {max_steps} ends training before the first epoch ({steps_per_epoch} steps) finishes: "
+             f"{unvalidated}")

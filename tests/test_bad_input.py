@@ -36,8 +36,7 @@ import predict_dual_task
 import predict_llava
 import train_dual_task
 import train_llava
-from common.config import _field_type
-from common.domains import IDENTIFIER, NON_EMPTY, TRACKER
+from common.config import IDENTIFIER, NON_EMPTY, field_type
 from common.errors import exit_on_user_error
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,7 +123,7 @@ def _number_text(value) -> str:
 def outside(cls, name: str) -> st.SearchStrategy[str]:
     """Command-line text for a value that field `name` must refuse (for a list: one bad item among good ones)."""
     f = {f.name: f for f in dataclasses.fields(cls)}[name]
-    scalar, is_list, optional = _field_type(cls, f)
+    scalar, is_list, optional = field_type(cls, f)
     domain, choices = f.metadata.get("domain"), f.metadata.get("choices")
     if scalar is bool:
         bad = words.filter(lambda w: w.lower() not in BOOL_WORDS)
@@ -134,8 +133,6 @@ def outside(cls, name: str) -> st.SearchStrategy[str]:
         bad = st.sampled_from([" ", "  ", "\t"])
     elif domain is IDENTIFIER:
         bad = words.filter(lambda w: re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", w) is None and "," not in w)
-    elif domain is TRACKER:
-        bad = words.filter(lambda w: not TRACKER.accepts(w) and w.lower() not in ("none", "null"))
     else:  # numeric: past either bound, not finite, or not a number of the right type
         number = st.integers if scalar is int else st.floats
         edges = [number(max_value=domain.low - (0 if domain.low_open else 1e-9 if scalar is float else 1))]
@@ -153,7 +150,7 @@ def outside(cls, name: str) -> st.SearchStrategy[str]:
 def inside(cls, name: str, caps: dict) -> st.SearchStrategy[str]:
     """Command-line text for a value inside field `name`'s domain (numbers up to `caps[name]`, to stay quick)."""
     f = {f.name: f for f in dataclasses.fields(cls)}[name]
-    scalar, is_list, _ = _field_type(cls, f)
+    scalar, is_list, _ = field_type(cls, f)
     domain, choices = f.metadata.get("domain"), f.metadata.get("choices")
     if scalar is bool:
         item = st.sampled_from(["true", "false"])
@@ -161,8 +158,6 @@ def inside(cls, name: str, caps: dict) -> st.SearchStrategy[str]:
         item = st.sampled_from(choices)
     elif domain is IDENTIFIER:
         item = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,8}", fullmatch=True)
-    elif domain is TRACKER:
-        item = st.sampled_from(["none", "all", *[t for t in ("tensorboard",) if TRACKER.accepts(t)]])
     elif domain is NON_EMPTY:
         item = words.filter(lambda w: w.strip() and not w.startswith("-") and "," not in w)
     else:
@@ -190,7 +185,7 @@ REQUIRED = {predict_dual_task: {"run_dir": "run", "data": "x.txt"}, predict_llav
 def test_every_setting_has_a_domain_and_its_default_is_inside(script):
     cls = script.Config
     for f in dataclasses.fields(cls):
-        scalar, _, _ = _field_type(cls, f)
+        scalar, _, _ = field_type(cls, f)
         assert scalar is bool or f.metadata.get("domain") or f.metadata.get("choices"), f"--{f.name} has no domain"
     cls(**REQUIRED.get(script, {}))  # the defaults pass their own checks (a predict script needs its run and data)
 
@@ -519,7 +514,7 @@ LLAVA_CAPS = {"lora_r": 16, "lora_alpha": 64, "num_workers": 1, "num_threads": 2
 @settings(max_examples=12 * SCALE)
 @given(data=st.data())
 def test_llava_runs_or_refuses_every_in_domain_setting(llava_inputs, tmp_path, data):
-    skip = ("output_dir", "resume_from", "model", "build_tiny_model", "merge")
+    skip = ("output_dir", "resume_from", "model", "merge")
     name = data.draw(st.sampled_from(fields_of(train_llava.Config, skip=skip)), label="setting")
     value = data.draw(inside(train_llava.Config, name, LLAVA_CAPS), label="value")
     if name in ("train_data", "val_data", "test_data"):
@@ -651,15 +646,16 @@ def test_a_model_that_is_not_a_whole_llava_checkpoint_is_one_line(llava_inputs, 
 
 
 def test_synthetic_data_is_never_written_into_a_users_folder(llava_inputs, tmp_path):
-    """A typo in --train_data next to the user's own manifests: refused, and not one file added or changed."""
+    """The demo (tools/demo.py) and a typo in --train_data next to the user's own manifests: refused, and not one
+    file added or changed."""
+    from tools import demo
     from tools.make_synthetic_screenshots import make_dataset
     from tools.make_tiny_llava import build_tiny_llava
 
     users = tmp_path / "my_data"
     shutil.copytree(llava_inputs[1], users)
     before = snapshot(users)
-    outcome = run(train_llava, *llava_args(llava_inputs, tmp_path / "out", "--train_data", users / "trian.jsonl",
-                                           "--make_synthetic_data", "true"))
+    outcome = run(demo, *llava_args(llava_inputs, tmp_path / "out", "--train_data", users / "trian.jsonl"))
     assert_refused(outcome, match="writes train.jsonl, val.jsonl and test.jsonl only into a new or empty folder")
     assert snapshot(users) == before and not (tmp_path / "out").exists()
     for make in (lambda: make_dataset(users, {"train": 2}), lambda: build_tiny_llava(users)):

@@ -10,7 +10,7 @@ from accelerate.state import AcceleratorState
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from common.checkpoint import find_latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
+from common.checkpoint import LoopState, check_fits, load_checkpoint, resolve_resume, save_checkpoint
 from common.errors import UserError
 
 
@@ -42,14 +42,15 @@ def test_save_load_round_trip_restores_model_optimizer_and_state(tmp_path, accel
     counter = Counter()
     counter.value += 7
     counter.note = "saved"
-    path = save_checkpoint(accelerator, tmp_path, step=5, state={"counter": counter})
+    path = save_checkpoint(accelerator, tmp_path, LoopState(step=5), {"counter": counter}, Geometry())
     saved_weight = model.weight.detach().clone()
 
     with torch.no_grad():
         model.weight.zero_()
     fresh = Counter()
-    meta = load_checkpoint(accelerator, path, {"counter": fresh})
-    assert meta["step"] == 5 and fresh.note == "saved" and torch.equal(fresh.value, torch.full((3,), 7.0))
+    state = LoopState()
+    load_checkpoint(accelerator, path, state, {"counter": fresh}, Geometry())
+    assert state.step == 5 and fresh.note == "saved" and torch.equal(fresh.value, torch.full((3,), 7.0))
     assert torch.equal(model.weight, saved_weight)
     assert optimizer.state_dict()["state"][0]["step"] == 1
 
@@ -57,10 +58,11 @@ def test_save_load_round_trip_restores_model_optimizer_and_state(tmp_path, accel
 def test_keeps_the_last_n_and_points_latest_at_the_newest(tmp_path, accelerator):
     model = accelerator.prepare(torch.nn.Linear(2, 2))
     for step in [10, 20, 30, 40]:
-        save_checkpoint(accelerator, tmp_path, step, {}, keep_last=2)
+        save_checkpoint(accelerator, tmp_path, LoopState(step=step), {}, Geometry(keep_checkpoints=2))
     kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir())
     assert kept == ["step_00000030", "step_00000040"]
-    assert find_latest_checkpoint(tmp_path).name == "step_00000040"
+    assert resolve_resume(tmp_path, "latest").name == "step_00000040"
+    assert (tmp_path / "checkpoints" / "LATEST").read_text() == "step_00000040"
     del model
 
 
@@ -68,28 +70,28 @@ def test_the_best_checkpoint_is_kept_besides_the_last_n(tmp_path, accelerator):
     accelerator.prepare(torch.nn.Linear(2, 2))
     root = tmp_path / "checkpoints"
     for step, best in [(10, True), (20, False), (30, True), (40, False), (50, False), (60, False)]:
-        save_checkpoint(accelerator, tmp_path, step, {}, keep_last=2, best=best)
+        save_checkpoint(accelerator, tmp_path, LoopState(step=step), {}, Geometry(keep_checkpoints=2), best=best)
         if step == 40:  # the best so far (30) is also one of the last two
             assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step_00000030", "step_00000040"]
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step_00000030", "step_00000050", "step_00000060"]
     assert (root / "BEST").read_text() == "step_00000030"
-    assert find_latest_checkpoint(tmp_path).name == "step_00000060"
+    assert resolve_resume(tmp_path, "latest").name == "step_00000060"
 
 
 def test_an_interrupted_save_is_ignored(tmp_path, accelerator):
     accelerator.prepare(torch.nn.Linear(2, 2))
-    save_checkpoint(accelerator, tmp_path, 10, {})
+    save_checkpoint(accelerator, tmp_path, LoopState(step=10), {}, Geometry())
     root = tmp_path / "checkpoints"
     # A kill during the next save leaves a temporary folder (and maybe a folder without meta.json).
     (root / ".tmp_step_00000020").mkdir()
     (root / "step_00000030").mkdir()
     (root / "step_00000030" / "model.safetensors").write_bytes(b"half a file")
-    assert find_latest_checkpoint(tmp_path).name == "step_00000010"
+    assert resolve_resume(tmp_path, "latest").name == "step_00000010"
     # Even if LATEST is lost, the newest complete checkpoint is found by its meta.json step.
     (root / "LATEST").unlink()
     (root / "renamed_by_hand").mkdir()
     (root / "renamed_by_hand" / "meta.json").write_text(json.dumps({"step": 5, "num_processes": 1}))
-    assert find_latest_checkpoint(tmp_path).name == "step_00000010"
+    assert resolve_resume(tmp_path, "latest").name == "step_00000010"
 
 
 def test_resolve_resume(tmp_path):
@@ -101,29 +103,24 @@ def test_resolve_resume(tmp_path):
 
 def test_a_checkpoint_of_another_kind_of_launch_or_an_older_version_is_refused(tmp_path, accelerator):
     accelerator.prepare(torch.nn.Linear(2, 2))
-    path = save_checkpoint(accelerator, tmp_path, 1, {})
+    path = save_checkpoint(accelerator, tmp_path, LoopState(step=1), {}, Geometry())
     meta = json.loads((path / "meta.json").read_text())
     assert (meta["num_processes"], meta["sharded"]) == (1, False)
     (path / "meta.json").write_text(json.dumps(meta | {"num_processes": 2, "sharded": True}))
     with pytest.raises(UserError, match="written by an FSDP launch, this is a launch without FSDP .*; resume it with "
                                         "an FSDP launch"):
-        load_checkpoint(accelerator, path, {})
+        check_fits(accelerator, path, Geometry())
     old_files = {"train_state_rank0.pt" if k == "train_state.pt" else k: v for k, v in meta["files"].items()}
     (path / "meta.json").write_text(json.dumps(meta | {"files": old_files}))
     with pytest.raises(UserError, match="written by an older version of this script"):
-        load_checkpoint(accelerator, path, {})
+        check_fits(accelerator, path, Geometry())
 
 
 @dataclasses.dataclass
-class Loop:
-    batches_done: int = 0
-    step: int = 0
-
-
-@dataclasses.dataclass
-class Geometry:
+class Geometry:  # the settings of a run that checkpoint.py reads
     batch_size: int = 4
     grad_accum_steps: int = 2
+    keep_checkpoints: int = 2
 
 
 def test_the_epoch_goes_on_from_the_same_sample_with_the_global_batch_split_otherwise_and_only_then(
@@ -132,11 +129,12 @@ def test_the_epoch_goes_on_from_the_same_sample_with_the_global_batch_split_othe
     otherwise (--batch_size 8, or 2 with 4 accumulated) continues from sample 24, at step 3; another global batch
     (16) is refused before anything loads, with flags that keep it."""
     accelerator.prepare(torch.nn.Linear(2, 2))
-    path = save_checkpoint(accelerator, tmp_path, 3, {"train_state": Loop(6, 3)}, config=Geometry())
+    path = save_checkpoint(accelerator, tmp_path, LoopState(step=3, batches_done=6), {}, Geometry())
     assert json.loads((path / "meta.json").read_text())["samples_into_epoch"] == 24
     for geometry, batches_done in ((Geometry(), 6), (Geometry(8, 1), 3), (Geometry(2, 4), 12)):
-        loop = Loop()
-        load_checkpoint(accelerator, path, {"train_state": loop}, config=geometry)
+        loop = LoopState()
+        check_fits(accelerator, path, geometry)
+        load_checkpoint(accelerator, path, loop, {}, geometry)
         assert (loop.batches_done, loop.step, accelerator.step) == (batches_done, 3, batches_done)
         line = (f"continued on 1; the global batch stays 8 (--batch_size {geometry.batch_size} x 1 x "
                 f"--grad_accum_steps {geometry.grad_accum_steps}); the epoch goes on from sample 24, each sample once")
@@ -146,7 +144,7 @@ def test_the_epoch_goes_on_from_the_same_sample_with_the_global_batch_split_othe
         new = geometry.batch_size * geometry.grad_accum_steps
         with pytest.raises(UserError, match=rf"trained with a global batch of 8 \(--batch_size 4 x 1 processes x "
                                             rf"--grad_accum_steps 2\), this run's would be {new}; .* e.g. {fix}$"):
-            load_checkpoint(accelerator, path, {"train_state": Loop()}, config=geometry)
+            check_fits(accelerator, path, geometry)
 
 
 def epoch_as_seen(num_samples: int, batch_size: int, processes: int, skip: int = 0, take: int | None = None) -> list:

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common.config import parse_config, save_config
+from common.config import check_domains, parse_config, save_config
 from common.errors import UserError
 
 
@@ -17,6 +17,9 @@ class Cfg:
     sensors: list[int] = field(default_factory=lambda: [2, 3])
     resume_from: str | None = None
     precision: str = field(default="no", metadata={"choices": ["no", "bf16", "fp16"]})
+
+    def __post_init__(self):  # as every script's Config does
+        check_domains(self)
 
 
 def test_defaults_yaml_and_cli_in_order_of_precedence(tmp_path):
@@ -42,7 +45,7 @@ def test_cli_types_lists_bools_and_none():
         ([], "epochs: 2.5\n", "config key 'epochs' expects int, got 2.5"),
         ([], "lr: [1, 2]\n", "config key 'lr' expects float"),
         (["--use_ema", "maybe"], None, "config key 'use_ema' expects bool"),
-        (["--precision", "fp8"], None, "config key 'precision' must be one of no, bf16, fp16"),
+        (["--precision", "fp8"], None, "--precision 'fp8' is not one of no, bf16, fp16"),
         ([], "- a\n- b\n", "must be a mapping"),
         ([], "lr: [1,\n", "is not valid YAML"),
     ],

@@ -200,14 +200,14 @@ def kill_after_checkpoint(out: Path, min_step: int, *commands: list) -> None:
 
     import psutil
 
-    from common.checkpoint import find_latest_checkpoint
+    from common.checkpoint import resolve_resume
 
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True) for cmd in commands]
     deadline = time.time() + 240
     while time.time() < deadline and all(proc.poll() is None for proc in procs):
-        latest = find_latest_checkpoint(out)
+        latest = resolve_resume(out, "latest")
         if latest is not None and json.loads((latest / "meta.json").read_text())["step"] >= min_step:
             break
         time.sleep(0.05)

@@ -152,7 +152,7 @@ def test_resume_after_a_fallback_or_at_an_epoch_boundary_is_exact(tmp_path, monk
 
 
 def test_persistent_nan_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    from common.checkpoint import find_latest_checkpoint
+    from common.checkpoint import resolve_resume
     from common.errors import NonFiniteTrainingError, exit_on_user_error
 
     original = train_dual_task.AMNLLoss.__call__
@@ -171,7 +171,7 @@ def test_persistent_nan_stops_with_a_clear_error_and_keeps_the_last_good_checkpo
         run(tmp_path, *args, name="diverged")
     out = tmp_path / "diverged"
     assert not (out / "results.json").exists() and not (out / "model.safetensors").exists()
-    assert find_latest_checkpoint(out).name == "step_00000010"  # it stopped at step 11, before saving it
+    assert resolve_resume(out, "latest").name == "step_00000010"  # it stopped at step 11, before saving it
     weights = {step: load_file(out / f"checkpoints/step_{step:08d}/model.safetensors") for step in (6, 7, 8, 9, 10)}
     assert all(torch.isfinite(w).all() for w in weights[10].values())
     # Updates 8-10 were skipped: the weights are those of the last good update, 7 (and 7 did change them).
@@ -188,7 +188,7 @@ def test_persistent_nan_stops_with_a_clear_error_and_keeps_the_last_good_checkpo
 
 def test_an_exception_during_evaluation_leaves_no_corrupt_output(tmp_path, monkeypatch):
     """A crash in epoch 2's validation: earlier checkpoints and logs stay valid, nothing half-written, resume works."""
-    from common.checkpoint import find_latest_checkpoint
+    from common.checkpoint import resolve_resume
 
     real_evaluate = train_dual_task.evaluate
     calls = {"n": 0}
@@ -205,7 +205,7 @@ def test_an_exception_during_evaluation_leaves_no_corrupt_output(tmp_path, monke
     out = tmp_path / "crashed"
     assert not (out / "results.json").exists() and not (out / "model.safetensors").exists()
     assert not list(out.rglob(".tmp*")) and not list(out.rglob(".*.tmp"))
-    latest = find_latest_checkpoint(out)
+    latest = resolve_resume(out, "latest")
     assert json.loads((latest / "meta.json").read_text())["step"] == 30  # in epoch 2, before its validation
     assert [r["epoch"] for r in records(out) if "val/rmse" in r] == [1]  # every line parses; epoch 2 never logged
     resumed = run(tmp_path, "--epochs", "2", "--checkpoint_every", "30", "--resume_from", "latest", name="crashed")
@@ -246,13 +246,13 @@ def start_and_wait_for_checkpoint(out: Path, min_step: int) -> subprocess.Popen:
     """Start a run and return once it has saved a checkpoint at or after `min_step`."""
     import time
 
-    from common.checkpoint import find_latest_checkpoint
+    from common.checkpoint import resolve_resume
 
     proc = subprocess.Popen([*SCRIPT, *EXACT_ARGS, "--output_dir", str(out)], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        latest = find_latest_checkpoint(out)
+        latest = resolve_resume(out, "latest")
         if latest is not None and json.loads((latest / "meta.json").read_text())["step"] >= min_step:
             return proc
         time.sleep(0.01)
@@ -284,7 +284,7 @@ def test_kill_9_mid_epoch_then_resume_gives_bit_identical_weights(tmp_path, unin
 def test_a_signal_finishes_the_step_saves_and_exits_75_then_resumes_exactly(tmp_path, uninterrupted, signal_name):
     import signal
 
-    from common.checkpoint import find_latest_checkpoint
+    from common.checkpoint import resolve_resume
     from common.preemption import EXIT_PREEMPTED
 
     out = tmp_path / "preempted"
@@ -296,7 +296,7 @@ def test_a_signal_finishes_the_step_saves_and_exits_75_then_resumes_exactly(tmp_
     assert not (out / "results.json").exists()
     # The checkpoint is of the step it stopped on (not merely the last periodic one).
     stopped_at = int(stdout.split("stopped by a signal at step ")[1].split()[0])
-    assert json.loads((find_latest_checkpoint(out) / "meta.json").read_text())["step"] == stopped_at >= 7
+    assert json.loads((resolve_resume(out, "latest") / "meta.json").read_text())["step"] == stopped_at >= 7
     resume_and_compare(out, uninterrupted)
 
 

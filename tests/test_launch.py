@@ -1,7 +1,7 @@
-"""common/launch.py: one run per output folder. The same command started twice (two terminals, a job array with one
---output_dir, a requeue that overlaps the old job) must not run twice into one folder: the second stops before it
-writes anything, with one line naming the folder and the process and host that hold it; a kill -9 of the holder
-releases the folder; predicting into a folder in use is refused the same way."""
+"""common/launch.py's RunFolder: one run per output folder. The same command started twice (two terminals, a job
+array with one --output_dir, a requeue that overlaps the old job) must not run twice into one folder: the second
+stops before it writes anything, with one line naming the folder and the process and host that hold it; a kill -9
+of the holder releases the folder; predicting into a folder in use is refused the same way."""
 
 import json
 import os
@@ -17,7 +17,7 @@ from accelerate import PartialState
 from test_bad_input import snapshot  # every file under a folder with its bytes
 
 from common.errors import UserError
-from common.launch import HOLDER, LOCK, lock_run_dir, release_run_dirs
+from common.launch import HOLDER, LOCK, RunFolder
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--conv_channels", "8", "--hidden_size", "8", "--gru_layers", "1", "--batch_size", "64", "--log_every", "1"]
@@ -26,8 +26,8 @@ SMALL = ["--conv_channels", "8", "--hidden_size", "8", "--gru_layers", "1", "--b
 def hold(folder: Path) -> subprocess.Popen:
     """Another process holding `folder`, as a run does: it takes the lock and notes who it is."""
     code = ("import sys, time; from accelerate import PartialState; from pathlib import Path; "
-            "from common.launch import lock_run_dir, HOLDER; import json, os, socket; "
-            "lock_run_dir(PartialState(), Path(sys.argv[1])); "
+            "from common.launch import RunFolder, HOLDER; import json, os, socket; "
+            "held = RunFolder(PartialState(), Path(sys.argv[1])); held.acquire(); "
             "Path(sys.argv[1], HOLDER).write_text(json.dumps({'pid': os.getpid(), 'host': socket.gethostname(), "
             "'since': 'now'})); print('held', flush=True); time.sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], cwd=REPO, stdout=subprocess.PIPE, text=True,
@@ -44,13 +44,14 @@ def test_a_folder_held_by_another_process_is_refused_by_name_until_a_kill_9_free
         with pytest.raises(UserError, match=rf"^{folder} is in use by another run or prediction \(process "
                                             rf"{holder.pid} on {socket.gethostname()}, since now\); wait for it to end "
                                             rf"or stop it, or pass another --output_dir$"):
-            lock_run_dir(PartialState(), folder)
+            RunFolder(PartialState(), folder).acquire()
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    lock_run_dir(PartialState(), folder)  # the OS let go of the killed holder's lock
-    lock_run_dir(PartialState(), folder)  # and this process may lock it again (its earlier lock is let go first)
-    release_run_dirs()
+    with RunFolder(PartialState(), folder):  # the OS let go of the killed holder's lock
+        pass
+    with RunFolder(PartialState(), folder):  # and this process may lock it again (the earlier lock was let go)
+        pass
     assert sorted(p.name for p in folder.iterdir()) == [LOCK, HOLDER]  # the killed holder's note stays, harmless
 
 

@@ -27,10 +27,10 @@ sys.path.insert(0, str(ROOT))  # the scripts are files in the repo root, not an 
 
 import predict_llava  # noqa: E402
 import train_llava  # noqa: E402
-from common.classification import classification_metrics  # noqa: E402
 from common.errors import UserError, exit_on_user_error  # noqa: E402
-from common.pretrained import load_processor  # noqa: E402
 from common.schedules import warmup_cosine  # noqa: E402
+from llava_metrics import classification_metrics  # noqa: E402
+from llava_models import load_processor  # noqa: E402
 from tools.make_synthetic_screenshots import make_dataset  # noqa: E402
 from tools.make_tiny_llava import build_tiny_llava  # noqa: E402
 
@@ -83,8 +83,8 @@ def screenshots(tmp_path_factory):
 
 def demo_args(tiny_model, data, output_dir, *extra):
     """The CPU demo config, pointed at the session's model and data."""
-    return ["--config", ROOT / "configs/llava_tiny_cpu.yaml", "--model", tiny_model, "--build_tiny_model", "false",
-            "--make_synthetic_data", "false", "--train_data", data / "train.jsonl", "--val_data", data / "val.jsonl",
+    return ["--config", ROOT / "configs/llava_tiny_cpu.yaml", "--model", tiny_model,
+            "--train_data", data / "train.jsonl", "--val_data", data / "val.jsonl",
             "--test_data", data / "test.jsonl", "--output_dir", output_dir, "--num_workers", 0, *extra]
 
 
@@ -550,7 +550,7 @@ def test_killed_or_preempted_run_resumes_to_the_same_adapter(tiny_model, screens
     import signal
     import time
 
-    from common.checkpoint import find_latest_checkpoint
+    from common.checkpoint import resolve_resume
 
     args = [str(a) for a in small_run_args(tiny_model, screenshots, tmp_path)]
     run_main(*args, "--output_dir", tmp_path / "straight")
@@ -559,7 +559,7 @@ def test_killed_or_preempted_run_resumes_to_the_same_adapter(tiny_model, screens
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        latest = find_latest_checkpoint(out)
+        latest = resolve_resume(out, "latest")
         if latest is not None and json.loads((latest / "meta.json").read_text())["step"] >= 2:
             break
         time.sleep(0.01)
@@ -569,7 +569,7 @@ def test_killed_or_preempted_run_resumes_to_the_same_adapter(tiny_model, screens
     assert not (out / "results.json").exists() and not (out / "adapter").exists()
     if signal_name == "SIGTERM":
         stopped_at = int(stdout.split("stopped by a signal at step ")[1].split()[0])
-        assert json.loads((find_latest_checkpoint(out) / "meta.json").read_text())["step"] == stopped_at < 12
+        assert json.loads((resolve_resume(out, "latest") / "meta.json").read_text())["step"] == stopped_at < 12
     run_main(*args, "--output_dir", out, "--resume_from", "latest")
     assert_same_adapter(tmp_path / "straight", out)
 
@@ -707,8 +707,8 @@ def login_run(tiny_model, screenshots, tmp_path_factory):
                         for split, n in (("train", 16), ("val", 8), ("test", 4)))
     out, env = root / "run", {**os.environ, "OMP_NUM_THREADS": "1"}
     trained = subprocess.run([sys.executable, "train_llava.py", *map(str, [
-        "--config", ROOT / "configs/llava_tiny_cpu.yaml", "--model", tiny_model, "--build_tiny_model", "false",
-        "--make_synthetic_data", "false", "--train_data", train, "--val_data", val, "--test_data", test,
+        "--config", ROOT / "configs/llava_tiny_cpu.yaml", "--model", tiny_model,
+        "--train_data", train, "--val_data", val, "--test_data", test,
         "--output_dir", out, "--epochs", 1, "--gradient_checkpointing", "true", *LOGIN])],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     predicted = subprocess.run([sys.executable, "predict_llava.py", "--run_dir", str(out),

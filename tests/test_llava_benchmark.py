@@ -14,9 +14,10 @@ import pytest
 from test_llava import run_main  # train_llava.main in this process, with fresh Accelerate state
 
 import tools.split_images as split_images
-from common.classification import threshold_at_fpr
-from common.duplicates import byte_hash, pixel_hash
 from common.errors import UserError
+from common.run_log import file_sha256 as byte_hash
+from llava_images import pixel_hash
+from llava_metrics import threshold_at_fpr
 from tools.make_synthetic_screenshots import BENCHMARK_SUBSETS, make_benchmark_folder
 from tools.make_tiny_llava import build_tiny_llava
 
@@ -74,7 +75,7 @@ def test_split_train_and_test_give_the_benchmark_s_table_on_the_test_split(stand
     _, splits, manifests = standin
     out = tmp_path / "run"
     results = run_main("--config", Path(__file__).parents[1] / "configs/llava_tiny_cpu.yaml", "--model", tiny_model,
-                       "--build_tiny_model", "false", "--make_synthetic_data", "false", "--epochs", 2,
+                       "--epochs", 2,
                        "--num_workers", 0, "--output_dir", out, "--train_data", splits / "train.jsonl",
                        "--val_data", splits / "val.jsonl", "--test_data", splits / "test.jsonl")
     assert results["images_in_two_splits"] == 0 and results["copies_within_a_split"] >= 1

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import train_dual_task
 from common.errors import UserError
-from common.runs import FLOAT32_MAX, Runs, check_inputs, check_runs
+from train_dual_task import FLOAT32_MAX, Runs, check_inputs, check_runs
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "cmapss"
 

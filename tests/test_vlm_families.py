@@ -24,11 +24,11 @@ sys.path.insert(0, str(ROOT))  # the scripts are files in the repo root, not an 
 
 from test_llava import demo_args, run_main  # noqa: E402  (the CPU demo's arguments; train_llava.main in this process)
 
+import llava_models as pretrained  # noqa: E402
 import predict_llava  # noqa: E402
 import train_llava  # noqa: E402
-from common import pretrained  # noqa: E402
 from common.errors import UserError  # noqa: E402
-from common.pretrained import load_processor, model_parts  # noqa: E402
+from llava_models import load_processor, model_parts  # noqa: E402
 from tools.make_synthetic_screenshots import make_dataset  # noqa: E402
 from tools.make_tiny_llava import build_tiny_llava, build_tokenizer  # noqa: E402
 
@@ -307,7 +307,7 @@ def test_an_encoder_decoder_image_text_to_text_checkpoint_is_refused_from_its_co
     answer cannot be read at the prompt's last token. Refused from config.json alone (there are no weights)."""
     from transformers import Pix2StructConfig
 
-    from common.pretrained import check_pretrained
+    from llava_models import check_pretrained
 
     Pix2StructConfig().save_pretrained(tmp_path)
     with pytest.raises(UserError, match=r"is an encoder-decoder 'pix2struct' model; the Yes/No answer is read where a "

@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: the repo's modules are importable
 
-from common.duplicates import hash_all, pixel_hash  # noqa: E402
 from common.errors import UserError, exit_on_user_error  # noqa: E402
+from llava_images import in_threads, pixel_hash  # noqa: E402
 
 SPLITS = ("train", "val", "test")
 
@@ -86,7 +86,7 @@ def main(argv=None) -> dict[str, list]:
     classes = (args.negative_label, args.positive_label)
     samples, _ = train_llava.load_samples(args.source, skip_bad=False, classes=classes)
     try:
-        hashes = hash_all(pixel_hash, [sample.path for sample in samples])
+        hashes = in_threads(pixel_hash, [sample.path for sample in samples])
     except (OSError, ValueError, SyntaxError) as err:
         raise UserError(f"an image of {args.source} cannot be decoded ({err}); fix or remove it") from None
     groups = groups_of(samples, hashes)

@@ -1,19 +1,17 @@
-"""A user's Hugging Face checkpoint, checked before its weights load: a clear line, not minutes of loading first.
+"""A user's image-text-to-text checkpoint, for train_llava.py and predict_llava.py: checked before its weights load,
+and what differs between vision-language families read from the model, never from a list of names.
 
 What a wrong `--model` can break is checked from small files: the folder is a checkpoint (config.json),
 `AutoModelForImageTextToText` loads its model type and it is decoder-only, every safetensors file is whole
 (its header covers the file), the processor has a tokenizer, an image processor and a chat template, and the
-LoRA target modules exist (tried with peft on an empty copy of the model: meta tensors, no memory, no weights).
-Whatever breaks while reading a user's checkpoint is reported as a problem with that checkpoint.
-
-What differs between vision-language families (LLaVA-1.5, LLaVA-NeXT, Idefics3, ...) is read from the model and
-its processor, never from a list of names: where the language model and the vision tower sit
-(`model_parts`, transformers' own `get_decoder` / `get_encoder` lookups), and how many image tokens the
-processor must write for a picture (`match_processor_to_model`), which picture size it works at
-(`fixed_input_size`), which vision layers feed the language model (`used_vision_layers`). Used by train_llava.py
-and predict_llava.py.
+LoRA targets exist (tried with peft on an empty copy of the model: meta tensors, no memory, no weights).
+Between families (LLaVA-1.5, LLaVA-NeXT, Idefics3, ...): where the language model and the vision tower sit
+(`model_parts`, transformers' own `get_decoder` / `get_encoder`), how many image tokens the processor writes
+(`match_processor_to_model`), the picture size it works at (`fixed_input_size`) and the vision layers that
+feed the language model (`used_vision_layers`).
 """
 
+import sys
 import weakref
 from pathlib import Path
 
@@ -23,8 +21,8 @@ from common.errors import UserError, first_line, warn
 
 
 def check_pretrained(model_id: str, tested: tuple[str, ...] = ()):
-    """The checkpoint's config, once its folder, model type and weight files have passed. Reads no weights. A model
-    type outside `tested` (the families a script's tests cover) gets a warning line."""
+    """The checkpoint's config, once its folder, model type and weight files have passed; reads no weights. A
+    model type outside `tested` (the families a script's tests cover) gets a warning line."""
     from safetensors import safe_open
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
@@ -33,36 +31,35 @@ def check_pretrained(model_id: str, tested: tuple[str, ...] = ()):
     looks_like_a_path = model_id.startswith(("/", ".", "~")) or model_id.count("/") > 1 or "\\" in model_id
     if looks_like_a_path and not path.exists():  # a hub id is "name" or "org/name"
         raise UserError(f"--model {model_id} does not exist; pass a checkpoint folder or a hub id (org/name)")
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise UserError(f"--model {path} is not a model folder (it has no config.json); pass a checkpoint folder "
-                            f"or hub id")
-        for weights in sorted(path.glob("*.safetensors")):
-            try:
-                with safe_open(weights, "pt"):  # reads the header and checks that the file covers it
-                    pass
-            except Exception as err:
-                raise UserError(f"weights file {weights} is damaged ({first_line(err)}); copy or download the "
-                                f"checkpoint again") from None
+    if path.exists() and not (path / "config.json").is_file():
+        raise UserError(f"--model {path} is not a model folder (it has no config.json); pass a checkpoint folder or "
+                        f"hub id")
+    for weights in sorted(path.glob("*.safetensors")) if path.exists() else []:
+        try:
+            with safe_open(weights, "pt"):  # reads the header and checks that the file covers it
+                pass
+        except Exception as err:
+            raise UserError(f"weights file {weights} is damaged ({first_line(err)}); copy or download the checkpoint "
+                            f"again") from None
     try:
         config = AutoConfig.from_pretrained(model_id)
     except Exception as err:
         raise UserError(f"cannot read a model config from {model_id!r} ({first_line(err)}); pass a checkpoint "
                         f"folder or hub id") from None
     if config.model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
-        raise UserError(f"--model {model_id} is a {config.model_type!r} model, which AutoModelForImageTextToText does "
-                        f"not load; pass an image-text-to-text checkpoint (LLaVA, LLaVA-NeXT, Idefics3, ...)")
-    if config.is_encoder_decoder:  # the answer is read at the prompt's last token: a decoder-only model's next token
+        raise UserError(f"--model {model_id} is a {config.model_type!r} model, which AutoModelForImageTextToText "
+                        f"does not load; pass an image-text-to-text checkpoint (LLaVA, LLaVA-NeXT, Idefics3, ...)")
+    if config.is_encoder_decoder:  # the answer is read where a decoder-only model writes its next token
         raise UserError(f"--model {model_id} is an encoder-decoder {config.model_type!r} model; the Yes/No answer is "
                         f"read where a decoder-only model would write its next token: pass a decoder-only checkpoint")
     if tested and config.model_type not in tested:
-        warn(f"{model_id} is a {config.model_type!r} model, a family not tested with this script ({', '.join(tested)})"
-             f"; see docs/llava.md")
+        warn(f"{model_id} is a {config.model_type!r} model, a family not tested with this script "
+             f"({', '.join(tested)}); see docs/llava.md")
     return config
 
 
 def load_processor(source: str):
-    """Tokenizer, image processor and chat template, checked; left padding, so every prompt ends in the last column."""
+    """Tokenizer, image processor and chat template, checked; left padding: every prompt ends in the last column."""
     from transformers import AutoProcessor
 
     try:
@@ -88,33 +85,31 @@ def empty_model(config):
 
 
 def model_parts(model) -> dict[str, str]:
-    """Where the language model and the vision tower sit in `model` (e.g. model.language_model and model.vision_tower
-    in LLaVA, model.text_model and model.vision_model in Idefics3, model.visual in Qwen2-VL), found with transformers'
-    own lookups, and the list of the vision tower's blocks ("vision layers")."""
+    """Where the language model and the vision tower sit in `model` (model.language_model and model.vision_tower in
+    LLaVA, model.text_model and model.vision_model in Idefics3, model.visual in Qwen2-VL), found with
+    transformers' own lookups, and the vision tower's list of blocks ("vision layers")."""
     names = {id(module): name for name, module in model.named_modules()}
     tower = model.get_encoder(modality="image")
     # The tower's blocks: its ModuleList as long as the vision config's layer count (CLIP's encoder.layers,
     # Qwen2-VL's blocks); the whole tower if it has none.
     depth = getattr(model.config.vision_config, "num_hidden_layers", None)
-    blocks = next((module for module in tower.modules()
-                   if isinstance(module, torch.nn.ModuleList) and len(module) == depth), tower)
+    blocks = next((m for m in tower.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == depth), tower)
     return {"language model": names[id(model.get_decoder())], "vision tower": names[id(tower)],
             "vision layers": names[id(blocks)]}
 
 
 def check_lora_targets(skeleton, lora_config, targets: dict[str, tuple[str, list[str]]], model_id: str):
-    """Each name in `targets` ({flag: (part of the model, module names)}) is a linear layer of that part, and
-    peft accepts `lora_config`: both tried on `skeleton`, an empty copy of the model (`empty_model`)."""
+    """Each name in `targets` ({flag: (part of the model, module names)}) is a linear layer of that part, and peft
+    accepts `lora_config`: both tried on `skeleton`, an empty copy of the model (`empty_model`)."""
     from peft import get_peft_model
 
     parts = model_parts(skeleton)
     linear = [name for name, module in skeleton.named_modules() if isinstance(module, torch.nn.Linear)]
     for flag, (part, names) in targets.items():
         known = sorted({name.rsplit(".", 1)[-1] for name in linear if name.startswith(parts[part] + ".")})
-        for wanted in names:
-            if wanted not in known:
-                raise UserError(f"{flag} names {wanted!r}, which is not a linear layer of the {part} "
-                                f"({parts[part]}) of {model_id}; its linear layers are {', '.join(known)}")
+        for wanted in [name for name in names if name not in known]:
+            raise UserError(f"{flag} names {wanted!r}, which is not a linear layer of the {part} ({parts[part]}) of "
+                            f"{model_id}; its linear layers are {', '.join(known)}")
     try:
         get_peft_model(skeleton, lora_config)
     except ValueError as err:
@@ -123,15 +118,14 @@ def check_lora_targets(skeleton, lora_config, targets: dict[str, tuple[str, list
 
 
 def match_processor_to_model(processor, model) -> None:
-    """A processor that counts a picture's image tokens from the patch grid itself (LLaVA, LLaVA-NeXT) must count
-    what the vision tower produces: patch size, whether the tower's extra CLS token is dropped, and the number of
-    such extra tokens, from the model (older checkpoints' processor configs lack them). Processors that get the
-    count another way (Idefics3's image_seq_len, Qwen2-VL's image_grid_thw) have none of these attributes."""
-    config = model.config
+    """A processor that counts a picture's image tokens from the patch grid (LLaVA, LLaVA-NeXT) must count what the
+    vision tower makes: patch size, whether the tower's CLS token is dropped, and how many extra tokens, from the
+    model (older checkpoints' processor configs lack them). Processors that count another way (Idefics3's
+    image_seq_len, Qwen2-VL's image_grid_thw) have none of these attributes."""
     if hasattr(processor, "patch_size"):
-        processor.patch_size = config.vision_config.patch_size
+        processor.patch_size = model.config.vision_config.patch_size
     if hasattr(processor, "vision_feature_select_strategy"):
-        processor.vision_feature_select_strategy = config.vision_feature_select_strategy
+        processor.vision_feature_select_strategy = model.config.vision_feature_select_strategy
     # Position embeddings beyond the patches are extra tokens: 1 for CLIP's CLS token, 0 for SigLIP.
     embeddings = next((m for m in model.get_encoder(modality="image").modules()
                        if hasattr(m, "num_positions") and hasattr(m, "num_patches")), None)
@@ -139,29 +133,20 @@ def match_processor_to_model(processor, model) -> None:
         processor.num_additional_image_tokens = embeddings.num_positions - embeddings.num_patches
 
 
-_OWN_POSITIONS = weakref.WeakKeyDictionary()  # model -> answer; asked every step, found by one walk over its modules
+_OWN_POSITIONS = weakref.WeakKeyDictionary()  # model -> answer; asked every step, found by one walk
 
 
 def builds_own_positions(model) -> bool:
-    """Whether the model gives image tokens positions of its own, computed from the attention mask (Qwen2-VL's
-    multimodal rotary positions: `get_rope_index`), so that 1-D positions must not be passed to it."""
+    """Whether the model gives image tokens positions of its own, from the attention mask (Qwen2-VL's multimodal
+    rotary positions: `get_rope_index`), so that 1-D positions must not be passed to it."""
     if model not in _OWN_POSITIONS:
         _OWN_POSITIONS[model] = any(hasattr(module, "get_rope_index") for module in model.modules())
     return _OWN_POSITIONS[model]
 
 
-def load_pretrained(model_class, model_id: str, **kwargs):
-    """`model_class.from_pretrained`, with a failure (a file cut short, out of memory) as one clear line."""
-    try:
-        return model_class.from_pretrained(model_id, **kwargs)
-    except Exception as err:
-        raise UserError(f"cannot load the weights of {model_id!r} ({type(err).__name__}: {first_line(err)}); "
-                        f"copy or download the checkpoint again") from None
-
-
 def fixed_input_size(image_processor) -> tuple[int, int] | None:
     """(width, height) the processor brings every picture to (LLaVA-1.5: the crop size, else the resize target), or
-    None for a processor that keeps the aspect ratio itself: a grid of tiles chosen to fit it (LLaVA-NeXT's
+    None for a processor that keeps the aspect ratio itself: tiles chosen to fit it (LLaVA-NeXT's
     image_grid_pinpoints) or a bound on the longest edge (Idefics3; Qwen2-VL's pixel budget)."""
     size = dict(image_processor.size)
     if getattr(image_processor, "image_grid_pinpoints", None) or "longest_edge" in size:
@@ -171,10 +156,10 @@ def fixed_input_size(image_processor) -> tuple[int, int] | None:
 
 
 def used_vision_layers(model_config) -> range:
-    """The vision layers whose output the language model sees. LLaVA takes its image features from the hidden
-    state `vision_feature_layer` (-2: the second-to-last layer's output); the layers after it run, but a LoRA
-    weight there would never get a gradient: dead weight that DDP must be told about and that FSDP2 cannot
-    checkpoint (no optimizer state ever exists for it). Families without the setting (Idefics3) use them all."""
+    """The vision layers whose output the language model sees. LLaVA takes its image features from hidden state
+    `vision_feature_layer` (-2: the second-to-last layer's output); a LoRA weight in a later layer would never get
+    a gradient: dead weight that DDP must be told about and FSDP2 cannot checkpoint. Without the setting
+    (Idefics3): all of them."""
     num_layers = model_config.vision_config.num_hidden_layers
     feature = getattr(model_config, "vision_feature_layer", -1)
     hidden_states = [f if f >= 0 else num_layers + 1 + f for f in (feature if isinstance(feature, list) else [feature])]
@@ -186,10 +171,10 @@ BASE_SIZES = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "n
 
 
 def base_identity(model_config) -> dict:
-    """What identifies a base model wherever its files lie: the model type and sizes of it and of its text and vision
-    parts (config.json). A moved or re-downloaded copy has the same; a checkpoint of another family or size does not."""
-    parts = {"": model_config, **{f"{name}.": getattr(model_config, name, None)
-                                  for name in ("text_config", "vision_config")}}
+    """What identifies a base model wherever its files lie: the type and sizes of it and of its text and vision
+    parts. A moved or re-downloaded copy has the same; a checkpoint of another family or size does not."""
+    parts = {"": model_config, "text_config.": getattr(model_config, "text_config", None),
+             "vision_config.": getattr(model_config, "vision_config", None)}
     return {prefix + key: getattr(part, key) for prefix, part in parts.items() for key in BASE_SIZES
             if getattr(part, key, None) is not None}
 
@@ -197,26 +182,14 @@ def base_identity(model_config) -> dict:
 def weight_dtypes(model) -> dict:
     """The dtypes the trainable (LoRA) weights and the frozen base are held in (e.g. float32 over bfloat16)."""
     def names(trainable):
-        return ",".join(sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()
-                                if p.requires_grad == trainable}))
+        dtypes = {str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.requires_grad == trainable}
+        return ",".join(sorted(dtypes))
 
     return {"lora_dtype": names(True), "base_dtype": names(False)}
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def base_dtype(model_dtype: str | None) -> torch.dtype:
-    """The dtype to hold a frozen base in: --model_dtype, else bf16 on a GPU that has it and fp32 elsewhere."""
-    if model_dtype is not None:
-        return DTYPES[model_dtype]
-    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-
-
 def quiet_progress_bars() -> None:
-    """transformers' progress bars (loading and writing weights), like the scripts' own: on a terminal, not in logs."""
-    import sys
-
+    """transformers' progress bars (loading and writing weights), like the scripts' own: on a terminal only."""
     if not sys.stderr.isatty():
         from transformers.utils.logging import disable_progress_bar
 
