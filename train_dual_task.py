@@ -31,7 +31,6 @@ from tqdm.auto import tqdm
 
 from common.checkpoint import LoopState, load_checkpoint, save_checkpoint, save_model_atomically
 from common.config import ABOVE_ZERO, BELOW_ONE, FRACTION, KEEP, NON_EMPTY, RunConfig, between, setting
-from common.distributed import fit_fsdp_wrapping, gather_trainable, restore_trainable
 from common.ema import EMA
 from common.errors import NonFiniteTrainingError, UserError, exit_on_user_error
 from common.guard import NonFiniteGuard
@@ -520,7 +519,7 @@ class TrainState(LoopState):
     plateau_best: float = math.inf  # ReduceLROnPlateau, written out: stateless but for these
     plateau_bad_epochs: int = 0
     plateau_factor: float = 1.0
-    best_weights: dict = field(default_factory=dict)  # EMA weights at the best epoch, whole (not sharded)
+    best_weights: dict = field(default_factory=dict)  # the EMA at the best epoch, whole (not sharded)
 
 
 def lr_at(step: int, cfg: Config, state: TrainState, steps_per_epoch: int, total_steps: int,
@@ -624,10 +623,10 @@ def train(cfg, accelerator, model, optimizer, loaders, loss_fn, ema, guard, stat
         with ema.swapped_in():
             val = {"windows": evaluate(model, loaders["val"], accelerator, cfg.rul_cap),
                    "cut": evaluate(model, loaders["val_cut"], accelerator, cfg.rul_cap)}
-            selected = val[cfg.val_metric]["rmse"]  # --val_metric: the score that picks, stops and schedules
-            improved = selected < state.best_val_rmse
-            if improved:
-                state.best_weights = gather_trainable(accelerator, model)  # whole: restorable anywhere
+        selected = val[cfg.val_metric]["rmse"]  # --val_metric: the score that picks, stops and schedules
+        improved = selected < state.best_val_rmse
+        if improved:
+            state.best_weights = ema.state_dict()  # whole tensors: restorable on any processes
         state.epoch += 1
         state.batches_done = 0
         state.epochs_since_best = 0 if improved else state.epochs_since_best + 1
@@ -812,7 +811,6 @@ def fit_one(cfg, accelerator, fold: int, data: tuple[dict, dict], resume_paths: 
                                  cfg.seed) for name in ("train", "val", "val_cut", "test")}
     model = DualTaskNet(num_features=splits["train"].x.shape[-1], cfg=cfg)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, fused=True)
-    fit_fsdp_wrapping(accelerator, model)  # FSDP2: one unit per transformer block the model has
     model, optimizer, *prepared = accelerator.prepare(model, optimizer, *loaders.values())
     loaders = dict(zip(loaders, prepared))
     loss_fn = AMNLLoss(cfg, accelerator.device, reduce=lambda losses: accelerator.reduce(losses, "mean"))
@@ -832,9 +830,9 @@ def fit_one(cfg, accelerator, fold: int, data: tuple[dict, dict], resume_paths: 
         exit_preempted(accelerator, state.step)
 
     # The best EMA weights, chosen on validation, are evaluated on the test set once.
-    if not state.best_weights:
-        ema.copy_to()  # no epoch finished (e.g. a tiny --max_steps): use the current EMA weights
-    restore_trainable(accelerator, model, state.best_weights)  # the best on validation (none: nothing to do)
+    if state.best_weights:  # none if no epoch finished (e.g. a tiny --max_steps): the current EMA weights
+        ema.load_state_dict(state.best_weights)
+    ema.copy_to()
     test = evaluate(model, loaders["test"], accelerator, cfg.rul_cap)
     save_model_atomically(accelerator, model, run.dir)  # -> model.safetensors
     best = state.best_val_rmse if state.best_epoch >= 0 else None

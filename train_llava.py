@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 import llava_models as vlm
 from common.checkpoint import LoopState, load_checkpoint, save_checkpoint
 from common.config import ABOVE_ZERO, BELOW_ONE, FRACTION, IDENTIFIER, KEEP, NON_EMPTY, RunConfig, between, setting
-from common.distributed import fit_fsdp_wrapping, gather_trainable, restore_trainable
+from common.distributed import local, part_of
 from common.ema import EMA
 from common.errors import NonFiniteTrainingError, UserError, exit_on_user_error, first_line, warn
 from common.guard import NonFiniteGuard
@@ -385,6 +385,41 @@ def answer_logits(model, inputs: dict, answer_ids: list[int]) -> torch.Tensor:
         positions = {"position_ids": (mask.long().cumsum(1) - 1).clamp_min(0)}
     out = model(**inputs, **positions, logits_to_keep=last[:, None], use_cache=False)
     return out.logits[:, 0, answer_ids]
+
+
+def fit_fsdp_wrapping(accelerator, model) -> None:
+    """FSDP2 shards each transformer block as its own unit: the block classes the launch config names, else the
+    model's own `_no_split_modules`, keeping those the model has (Accelerate refuses a name the model lacks, and
+    LLaVA's list names a CLIP text block it does not contain). Call before `prepare`."""
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    plugin = accelerator.state.fsdp_plugin if accelerator.is_fsdp2 else None
+    if plugin is None or plugin.auto_wrap_policy is not transformer_auto_wrap_policy:
+        return
+    present = {type(module).__name__ for module in model.modules()}
+    wanted = plugin.transformer_cls_names_to_wrap or sorted(getattr(model, "_no_split_modules", None) or [])
+    plugin.transformer_cls_names_to_wrap = [name for name in wanted if name in present]
+
+
+def gather_trainable(accelerator, model) -> dict:
+    """The trainable (e.g. LoRA) weights as whole CPU tensors, named as in the unwrapped model: to save, or to
+    put back with `restore_trainable` on any number of processes. Every process calls it (FSDP2 gathers);
+    gathering only these, not the frozen base, keeps a 7B model's gather to a few MB."""
+    model = accelerator.unwrap_model(model)
+    return {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().to("cpu", copy=True)
+            for name, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def restore_trainable(accelerator, model, weights: dict) -> None:
+    """Put weights from `gather_trainable` back, each process its part (none: nothing to do). All of them,
+    or an error: a name that did not match would leave a weight as it was."""
+    trainable = {name: p for name, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+    if weights and weights.keys() != trainable.keys():
+        raise RuntimeError(f"saved weights do not match the model's trainable ones: "
+                           f"{sorted(weights.keys() ^ trainable.keys())[:3]}")
+    for name, p in trainable.items() if weights else ():
+        local(p).copy_(part_of(p, weights[name]))
 
 
 def checkpoint_trainable_only(model) -> None:

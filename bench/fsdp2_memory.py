@@ -29,7 +29,7 @@ from accelerate import Accelerator  # noqa: E402
 from torch.distributed.tensor._dtensor_spec import DTensorSpec  # noqa: E402
 
 import train_dual_task as tdt  # noqa: E402
-from common.distributed import fit_fsdp_wrapping, use_fsdp_on_cpu  # noqa: E402
+from common.distributed import use_fsdp_on_cpu  # noqa: E402
 from common.ema import EMA  # noqa: E402
 from common.guard import NonFiniteGuard  # noqa: E402
 
@@ -56,7 +56,6 @@ def measure(accelerator, fused: bool, with_guard: bool, steps: int, every: int,
     model = tdt.DualTaskNet(num_features=15, cfg=cfg)
     optimizer = torch.optim.AdamW(tdt.param_groups(model, cfg.weight_decay), lr=1e-3, fused=fused,
                                   foreach=None if fused else True)
-    fit_fsdp_wrapping(accelerator, model)
     model, optimizer = accelerator.prepare(model, optimizer)
     loss_fn = tdt.AMNLLoss(cfg, accelerator.device, reduce=lambda losses: accelerator.reduce(losses, "mean"))
     ema = EMA(model.parameters(), decay=cfg.ema_decay)

@@ -55,23 +55,6 @@ def refuse_silent_fallbacks(accelerator) -> None:
                         f"at least 2 processes (num_processes in the launch config)")
 
 
-def fit_fsdp_wrapping(accelerator, model) -> None:
-    """Shard each transformer block of `model` as its own FSDP2 unit, skipping block classes it lacks.
-
-    The launch config names the block classes (unset: the model's `_no_split_modules`) and Accelerate
-    refuses a name the model lacks, so one fsdp.yaml could not serve both LLaVA (Llama and CLIP blocks)
-    and the dual-task network (no blocks: one unit); LLaVA's own list names a block it does not contain.
-    """
-    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
-
-    plugin = accelerator.state.fsdp_plugin if accelerator.is_fsdp2 else None
-    if plugin is None or plugin.auto_wrap_policy is not transformer_auto_wrap_policy:
-        return
-    present = {type(module).__name__ for module in model.modules()}
-    wanted = plugin.transformer_cls_names_to_wrap or sorted(getattr(model, "_no_split_modules", None) or [])
-    plugin.transformer_cls_names_to_wrap = [name for name in wanted if name in present]
-
-
 SHARED = ("put --output_dir on a filesystem every node sees (NFS, Lustre, a cloud bucket mount), with the same "
           "path on every node")
 
@@ -116,24 +99,3 @@ def part_of(param, full: torch.Tensor) -> torch.Tensor:
     if not isinstance(param, DTensor):
         return full
     return distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None).to_local()
-
-
-def gather_trainable(accelerator, model) -> dict:
-    """The trainable (e.g. LoRA) weights as whole CPU tensors, named as in the unwrapped model: to save, or to
-    put back with `restore_trainable` on any number of processes. Every process calls it (FSDP2 gathers);
-    gathering only these, not the frozen base, keeps a 7B model's gather to a few MB."""
-    model = accelerator.unwrap_model(model)
-    return {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().to("cpu", copy=True)
-            for name, p in model.named_parameters() if p.requires_grad}
-
-
-@torch.no_grad()
-def restore_trainable(accelerator, model, weights: dict) -> None:
-    """Put weights from `gather_trainable` back, each process its part (none: nothing to do). All of them,
-    or an error: a name that did not match would leave a weight as it was."""
-    trainable = {name: p for name, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
-    if weights and weights.keys() != trainable.keys():
-        raise RuntimeError(f"saved weights do not match the model's trainable ones: "
-                           f"{sorted(weights.keys() ^ trainable.keys())[:3]}")
-    for name, p in trainable.items() if weights else ():
-        local(p).copy_(part_of(p, weights[name]))

@@ -1,6 +1,6 @@
-"""What a run writes, for both training scripts: metrics.jsonl (and the trackers), the running loss between
-log lines, memory readings, and files and folders written atomically with the umask's permissions; a
-library's own words for a failed write become the OSError it is."""
+"""What a run writes, for both training scripts: metrics.jsonl (and the trackers), the running loss between log
+lines, memory readings, and files and folders written atomically with the umask's permissions; a library's own
+words for a failed write become the OSError it is."""
 
 import contextlib
 import dataclasses
@@ -24,44 +24,32 @@ WRITE_FAILED = re.compile(r"iostream error|unexpected pos|file write failed|fail
 
 @contextlib.contextmanager
 def writing(path: Path, tmp: Path | None = None):
-    """Around a write into `path` by torch, safetensors or transformers: a failure they report in their own words
-    (a full disk is a RuntimeError in torch's zip writer, a SafetensorError in Rust's) becomes the OSError it is,
-    naming `path` (a failed write: exit 74); `tmp`, a half-written folder, is removed."""
+    """Around a write into `path` by torch, safetensors or transformers: a failure in their own words (a full disk is
+    a RuntimeError in torch's zip writer, a SafetensorError in Rust's) becomes the OSError it is, naming `path` (a
+    failed write: exit 74); with no errno in the words, ENOSPC if the disk is full now, else EIO. `tmp`, a
+    half-written folder, is removed."""
     try:
         yield
     except BaseException as err:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, OSError) or not isinstance(err, Exception) or (code := _errno_in(err, path)) is None:
+        words = " ".join(str(e) for e in (err, err.__cause__, err.__context__) if e is not None)
+        numbered = re.search(r"os error (\d+)|code: (\d+)", words)  # Rust's "os error 28"
+        if isinstance(err, OSError) or not isinstance(err, Exception) or not (numbered or WRITE_FAILED.search(words)):
             raise
+        existing = next(p for p in [path, *path.absolute().parents] if p.exists())
+        code = errno.ENOSPC if shutil.disk_usage(existing).free < 2**20 else errno.EIO
+        code = int(numbered.group(1) or numbered.group(2)) if numbered else code
         raise OSError(code, os.strerror(code), str(path)) from err
 
 
-def _errno_in(err: Exception, path: Path) -> int | None:
-    """The errno in `err`'s words or its causes' (Rust: "os error 28"); for a failed write without one, ENOSPC
-    if the filesystem is full now, else EIO; None if nothing says a write failed."""
-    words = []
-    while err is not None:
-        words.append(str(err))
-        err = err.__cause__ or err.__context__
-    text = " ".join(words)
-    if match := re.search(r"os error (\d+)|code: (\d+)", text):
-        return int(match.group(1) or match.group(2))
-    if not WRITE_FAILED.search(text):
-        return None
-    existing = next(p for p in [path, *path.absolute().parents] if p.exists())
-    return errno.ENOSPC if shutil.disk_usage(existing).free < 2**20 else errno.EIO
-
-
 def follow_umask(path: Path) -> None:
-    """Give `path` (a file, or every file below a folder) the umask's permissions, as every other output
-    has: some writers (safetensors among them) create files 0600, which a teammate cannot read."""
+    """Give `path` (a file, or every file below a folder) the umask's permissions, as every other output has: some
+    writers (safetensors among them) create files 0600, which a teammate cannot read."""
     mask = os.umask(0)
     os.umask(mask)
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and not p.is_symlink()]
-    for file in files:
-        if file.stat().st_mode & 0o777 != 0o666 & ~mask:
-            file.chmod(0o666 & ~mask)
+    for file in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and not p.is_symlink()]:
+        file.chmod(0o666 & ~mask)
 
 
 def file_sha256(path: Path) -> str:
@@ -84,8 +72,8 @@ def write_json(path: Path, obj: dict) -> None:
 
 
 def replace_folder(tmp: Path, final: Path) -> None:
-    """Put a fully written folder in place of `final` (the old one stays whole until then), its files with
-    the umask's permissions."""
+    """Put a fully written folder in place of `final` (the old one stays whole until then), with the umask's
+    permissions."""
     follow_umask(tmp)
     old = final.with_name(f".{final.name}.old")
     shutil.rmtree(old, ignore_errors=True)
@@ -106,16 +94,15 @@ def atomic_folder(final: Path):
 
 
 def _step_of(line: str) -> int | None:
-    """The step of a metrics.jsonl line; None for a line that a hard kill cut short."""
     try:
-        return json.loads(line).get("step", 0)
-    except (ValueError, AttributeError):
-        return None
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None  # a line that a hard kill cut short
 
 
 class MetricsLog:
     """One JSON line per record in run_dir/metrics.jsonl, forwarded to the trackers too. A resumed run
-    (`step_offset`: its checkpoint's step) drops what the interrupted run logged after it."""
+    (`step_offset`: its checkpoint's step) drops what the interrupted run logged after it, and lines a kill cut."""
 
     def __init__(self, accelerator, run_dir: Path, step_offset: int | None = None):
         self.accelerator = accelerator
@@ -124,7 +111,7 @@ class MetricsLog:
             run_dir.mkdir(exist_ok=True)  # a fold's folder, inside the run's
             resumed = step_offset is not None and self.path.exists()
             lines = self.path.read_text(errors="replace").splitlines() if resumed else []
-            kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step_offset]
+            kept = [line for line in lines if (step := _step_of(line)) is not None and step <= step_offset]
             self.path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, metrics: dict, step: int) -> None:

@@ -308,7 +308,7 @@ GUARD_SCRIPT = '''
 import json, os, sys, torch
 from accelerate import Accelerator
 from common.guard import NonFiniteGuard
-from common.distributed import fit_fsdp_wrapping, use_fsdp_on_cpu
+from common.distributed import use_fsdp_on_cpu
 accelerator = Accelerator(cpu=True, mixed_precision="bf16")
 use_fsdp_on_cpu(accelerator)  # under fsdp.yaml: Accelerate's FSDP2 path, as the training scripts take it
 full = lambda p: p.full_tensor() if hasattr(p, "full_tensor") else p  # noqa: E731 (a DTensor shard -> the whole)
@@ -316,7 +316,6 @@ torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
 model[0].requires_grad_(False).to(torch.bfloat16)  # a frozen bf16 base, as LLaVA's under LoRA
 optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01, fused=True)
-fit_fsdp_wrapping(accelerator, model)
 model, optimizer = accelerator.prepare(model, optimizer)
 guard = NonFiniteGuard(accelerator, model, optimizer)
 dtypes = []
