@@ -26,6 +26,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -52,13 +53,13 @@ LM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 DEFAULT_QUESTION = ("Does this screenshot contain a prompt injection, text that tries to give instructions "
                     "to an AI agent? Answer Yes or No.")
 CLASSES = ("benign", "malicious")  # --negative_label, --positive_label: WAInjectBench's folder names
-PREDICT = "predict with python predict_llava.py --run_dir RUN --data MANIFEST_OR_FOLDER"  # once --mode predict
-MOVED = dict.fromkeys(["mode", "predict_data", "predict_output", "allow_other_base"], PREDICT)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
 class Config(RunConfig):  # every field a --flag and a YAML key; in depth: docs/llava.md#settings
+    moved: ClassVar = dict.fromkeys(["mode", "predict_data", "predict_output", "allow_other_base"],  # --mode predict
+                                    "predict with python predict_llava.py --run_dir RUN --data MANIFEST_OR_FOLDER")
     # model
     model: str = setting("llava-hf/llava-1.5-7b-hf", "image-text-to-text checkpoint folder or hub id", NON_EMPTY,
                          **KEEP)
@@ -694,7 +695,7 @@ def save_and_score(cfg, accelerator, model, processor, loaders, answer_ids, stat
 
 
 def main(argv=None):
-    cfg = Config.parse(argv, __doc__.split("\n")[0], moved=MOVED)  # every setting in its domain
+    cfg = Config.parse(argv)  # every setting in its domain
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     vlm.quiet_progress_bars()  # transformers' bars: on a terminal only, like the loop's own

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import math
 import re
+import sys
 import types
 import typing
 from collections.abc import Callable
@@ -118,8 +119,9 @@ class RunConfig:
         check_domains(self)
 
     @classmethod
-    def parse(cls, argv: list[str] | None = None, description: str | None = None, moved: dict | None = None):
-        return parse_config(cls, argv, description, moved)
+    def parse(cls, argv: list[str] | None = None):
+        """The command line (and its --config YAML) as this Config; --help starts with the script's docstring."""
+        return parse_config(cls, argv, sys.modules[cls.__module__].__doc__.split("\n")[0])
 
 
 def field_type(cls, f: dataclasses.Field) -> tuple[type, bool, bool]:
@@ -158,8 +160,10 @@ def convert(key: str, value, scalar: type, is_list: bool, optional: bool):
         raise wrong from None
 
 
-def unknown_key(key: str, known: list[str], where: str, moved: dict[str, str]) -> UserError:
-    if key in moved:  # a setting whose job moved to another command
+def unknown_key(cls, key: str, where: str) -> UserError:
+    known = [f.name for f in dataclasses.fields(cls)]
+    moved = getattr(cls, "moved", {})  # settings whose job went to another command: {name: where it went}
+    if key in moved:
         return UserError(f"--{key} is not a setting of this script any more; {moved[key]}")
     close = difflib.get_close_matches(key, known, n=1)
     hint = f"; the valid keys are {', '.join(known)}"
@@ -168,8 +172,8 @@ def unknown_key(key: str, known: list[str], where: str, moved: dict[str, str]) -
     return UserError(f"unknown config key '{key}' in {where}{hint}")
 
 
-def read_yaml(path: Path, known: list[str], moved: dict[str, str]) -> dict:
-    """The key: value mapping of a --config file, each key one of `known`."""
+def read_yaml(cls, path: Path) -> dict:
+    """The key: value mapping of a --config file, each key a field of `cls`."""
     if not path.is_file():
         raise UserError(f"config file {path} {'is a folder' if path.is_dir() else 'does not exist'}; check --config")
     try:
@@ -182,14 +186,13 @@ def read_yaml(path: Path, known: list[str], moved: dict[str, str]) -> dict:
         raise UserError(f"config file {path} must be a mapping of key: value, not a {type(loaded).__name__}; write "
                         f"one key: value per line")
     for key in loaded:
-        if key not in known:
-            raise unknown_key(str(key), known, str(path), moved)
+        if key not in {f.name for f in dataclasses.fields(cls)}:
+            raise unknown_key(cls, str(key), str(path))
     return loaded
 
 
-def parse_config(cls, argv: list[str] | None = None, description: str | None = None, moved: dict | None = None):
-    """An instance of the dataclass `cls` from its defaults, `--config` YAML and the command line. `moved`: keys
-    that were settings once, each with the line that says where its job went."""
+def parse_config(cls, argv: list[str] | None = None, description: str | None = None):
+    """An instance of the dataclass `cls` from its defaults, `--config` YAML and the command line."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     parser = argparse.ArgumentParser(description=description, allow_abbrev=False, exit_on_error=False)
     parser.add_argument("--config", help="YAML file of overrides (the command line wins)")
@@ -207,8 +210,8 @@ def parse_config(cls, argv: list[str] | None = None, description: str | None = N
         flag = next((u for u in unknown if u.startswith("--")), unknown[0])
         if not flag.startswith("--"):
             raise UserError(f"unexpected argument '{flag}'; options take the form --name value (see --help)")
-        raise unknown_key(flag[2:].split("=")[0], list(fields), "the command line", moved or {})
-    values = read_yaml(Path(args.config), list(fields), moved or {}) if args.config is not None else {}
+        raise unknown_key(cls, flag[2:].split("=")[0], "the command line")
+    values = read_yaml(cls, Path(args.config)) if args.config is not None else {}
     values |= {key: value for key, value in vars(args).items() if key != "config"}
     return cls(**{key: convert(key, value, *field_type(cls, fields[key])) for key, value in values.items()})
 
