@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 import train_dual_task as script  # the data and model parts the run was trained with
 from common.config import NON_EMPTY, check_domains, parse_config, setting
 from common.errors import UserError, exit_on_user_error, first_line
-from common.launch import RUN_MARKER, RunFolder, check_output_file
+from common.launch import RUN_MARKER, RunFolder
+from common.outputs import check_output_file
 
 
 @dataclass

@@ -17,7 +17,8 @@ import llava_models as vlm
 import train_llava as script  # the data, prompt and model parts the adapter was trained with
 from common.config import NON_EMPTY, between, check_domains, parse_config, setting
 from common.errors import UserError, exit_on_user_error, first_line, warn
-from common.launch import RunFolder, check_output_file, make_accelerator
+from common.launch import RunFolder, make_accelerator
+from common.outputs import check_output_file
 
 
 @dataclass

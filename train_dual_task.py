@@ -39,7 +39,7 @@ from common.guard import NonFiniteGuard
 from common.launch import RunFolder, exit_preempted, finish, make_accelerator, preflight, run_facts, start_run
 from common.preemption import Preemption
 from common.run_log import MetricsLog, Run, RunningMean, peak_memory_mb, write_atomic, write_json
-from common.schedules import linear_warmup, milestone_factor, set_lr, set_weight_decay, warmup_cosine, warn_if_short
+from common.schedules import linear_warmup, set_lr, warmup_cosine, warn_if_short
 
 INFORMATIVE_SENSORS = [2, 3, 4, 7, 8, 9, 11, 12, 13, 14, 15, 17, 20, 21]
 OPEN_FRACTION = between(0, 1, low_open=True, high_open=True)  # (0, 1)
@@ -521,6 +521,21 @@ def step_plateau(state: TrainState, val_rmse: float, cfg: Config) -> None:
     if state.plateau_bad_epochs > cfg.plateau_patience:
         state.plateau_factor *= cfg.plateau_factor
         state.plateau_bad_epochs = 0
+
+
+def set_weight_decay(optimizer, factor: float) -> None:
+    """Write `factor` x each param group's `base_weight_decay` into its weight decay."""
+    for group in optimizer.param_groups:
+        group["weight_decay"] = group["base_weight_decay"] * factor
+
+
+def milestone_factor(epoch: int, milestones: list[int], factors: list[float]) -> float:
+    """A step schedule: 1.0, then factors[i] from epoch milestones[i] on (e.g. weight decay x0.5 after 100 epochs)."""
+    factor = 1.0
+    for after, f in zip(milestones, factors):
+        if epoch >= after:
+            factor = f
+    return factor
 
 
 def train(cfg, accelerator, model, optimizer, loaders, loss_fn, ema, guard, state: TrainState, run: Run) -> bool:

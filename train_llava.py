@@ -22,6 +22,7 @@ import functools
 import json
 import math
 import re
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -44,7 +45,16 @@ from common.errors import NonFiniteTrainingError, UserError, exit_on_user_error,
 from common.guard import NonFiniteGuard
 from common.launch import RunFolder, exit_preempted, finish, make_accelerator, preflight, run_facts, start_run
 from common.preemption import Preemption
-from common.run_log import MetricsLog, Run, RunningMean, atomic_folder, peak_memory_mb, write_atomic, write_json
+from common.run_log import (
+    MetricsLog,
+    Run,
+    RunningMean,
+    peak_memory_mb,
+    replace_folder,
+    write_atomic,
+    write_json,
+    writing,
+)
 from common.schedules import set_lr, warmup_cosine, warn_if_short
 from llava_images import IMAGE_ERRORS, check_overlap, image_problem, in_threads, load_rgb
 from llava_metrics import benchmark_table, check_metric_defined, classification_metrics, plot_roc, summary
@@ -630,6 +640,16 @@ def check_model(cfg: Config):
     skeleton = vlm.empty_model(model_config)
     vlm.check_lora_targets(skeleton, lora_config(cfg, skeleton), lora_targets(cfg), cfg.model)
     return processor, answer_ids, build_prompt(processor, cfg.question)
+
+
+@contextlib.contextmanager
+def atomic_folder(final: Path):
+    """Write a folder as a temporary one (yielded), put in place of `final` once whole; a failed write removes it."""
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with writing(tmp, tmp=tmp):
+        yield tmp
+        replace_folder(tmp, final)
 
 
 def save_adapter(accelerator, model, processor, adapter_dir: Path, detector: dict) -> Path:

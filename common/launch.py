@@ -110,19 +110,6 @@ def check_writable(folder: Path, flag: str) -> None:
         raise UserError(f"cannot write into {existing} (not a writable folder); pick another {flag}")
 
 
-def check_output_file(path: str | Path, overwrite: bool, inputs: list, flag: str) -> Path:
-    """May this file be written? Only reads: never a folder, never an input, an existing file only if asked."""
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{flag} {path} is a folder; name the file to write")
-    if path.exists() and any(Path(i).exists() and path.resolve() == Path(i).resolve() for i in inputs if i):
-        raise UserError(f"{flag} {path} is one of this run's inputs; name another file")
-    if path.exists() and not overwrite:
-        raise UserError(f"{path} exists; pass --overwrite true to replace it, or another {flag}")
-    check_writable(path.parent, flag)
-    return path
-
-
 def preflight(accelerator, cfg: RunConfig, run_dirs: list[Path]) -> list[Path | None]:
     """What bad input can fail about the output folder, checked before anything is written: may the run write
     there, which checkpoint each of `run_dirs` (one per model) resumes from, does it fit these settings, does

@@ -83,16 +83,6 @@ def replace_folder(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def atomic_folder(final: Path):
-    """Write a folder as a temporary one (yielded), put in place of `final` once whole; a failed write removes it."""
-    tmp = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with writing(tmp, tmp=tmp):
-        yield tmp
-        replace_folder(tmp, final)
-
-
 def _step_of(line: str) -> int | None:
     try:
         return json.loads(line)["step"]

@@ -38,21 +38,6 @@ def set_lr(optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
-def set_weight_decay(optimizer, factor: float) -> None:
-    """Write `factor` x each param group's `base_weight_decay` into its weight decay."""
-    for group in optimizer.param_groups:
-        group["weight_decay"] = group["base_weight_decay"] * factor
-
-
-def milestone_factor(epoch: int, milestones: list[int], factors: list[float]) -> float:
-    """A step schedule: 1.0, then factors[i] from epoch milestones[i] on (e.g. weight decay x0.5 after 100 epochs)."""
-    factor = 1.0
-    for after, f in zip(milestones, factors):
-        if epoch >= after:
-            factor = f
-    return factor
-
-
 def warn_if_short(total_steps: int, steps_per_epoch: int, max_steps: int, untrained: str, unvalidated: str) -> None:
     """Legal but surprising: no training at all (what happens then: `untrained`), or --max_steps ending it
     before the first epoch's validation (`unvalidated`)."""

@@ -5,8 +5,17 @@ import math
 import pytest
 import torch
 
-from common.schedules import milestone_factor
-from train_dual_task import AMNLLoss, Config, DualTaskNet, TrainState, lr_at, param_groups, phm08_score, step_plateau
+from train_dual_task import (
+    AMNLLoss,
+    Config,
+    DualTaskNet,
+    TrainState,
+    lr_at,
+    milestone_factor,
+    param_groups,
+    phm08_score,
+    step_plateau,
+)
 
 
 def test_lr_warms_up_from_a_tenth_then_follows_cosine_or_plateau():
