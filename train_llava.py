@@ -45,79 +45,64 @@ from common.errors import NonFiniteTrainingError, UserError, exit_on_user_error,
 from common.guard import NonFiniteGuard
 from common.launch import RunFolder, exit_preempted, finish, make_accelerator, preflight, run_facts, start_run
 from common.preemption import Preemption
-from common.run_log import (
-    MetricsLog,
-    Run,
-    RunningMean,
-    peak_memory_mb,
-    replace_folder,
-    write_atomic,
-    write_json,
-    writing,
-)
+from common.run_log import MetricsLog, Run, RunningMean, peak_memory_mb, swap_folder, write_atomic, write_json, writing
 from common.schedules import set_lr, warmup_cosine, warn_if_short
 from llava_images import IMAGE_ERRORS, check_overlap, image_problem, in_threads, load_rgb
 from llava_metrics import benchmark_table, check_metric_defined, classification_metrics, plot_roc, summary
 
 LM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-DEFAULT_QUESTION = ("Does this screenshot contain a prompt injection, text that tries to give instructions "
-                    "to an AI agent? Answer Yes or No.")
+QUESTION = ("Does this screenshot contain a prompt injection, text that tries to give instructions "
+            "to an AI agent? Answer Yes or No.")
 CLASSES = ("benign", "malicious")  # --negative_label, --positive_label: WAInjectBench's folder names
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
-class Config(RunConfig):  # every field a --flag and a YAML key; in depth: docs/llava.md#settings
-    moved: ClassVar = dict.fromkeys(["mode", "predict_data", "predict_output", "allow_other_base"],  # --mode predict
-                                    "predict with python predict_llava.py --run_dir RUN --data MANIFEST_OR_FOLDER")
+class Config(RunConfig):  # each field a --flag and a YAML key; docs/llava.md#settings
+    moved: ClassVar = dict.fromkeys(  # once --mode predict here
+        ["mode", "predict_data", "predict_output", "allow_other_base"],
+        "predict with python predict_llava.py --run_dir RUN --data MANIFEST_OR_FOLDER")
     # model
-    model: str = setting("llava-hf/llava-1.5-7b-hf", "image-text-to-text checkpoint folder or hub id", NON_EMPTY,
-                         **KEEP)
+    model: str = setting("llava-hf/llava-1.5-7b-hf", "checkpoint folder or hub id", NON_EMPTY, **KEEP)
     model_dtype: str | None = setting(None, "the base's dtype (None: bf16 on a GPU)", choices=list(DTYPES))
     lora_r: int = setting(8, "LoRA rank", between(1, 4096), **KEEP)
-    lora_alpha: int = setting(32, "LoRA alpha (scale = alpha / r)", between(1), **KEEP)
+    lora_alpha: int = setting(32, "LoRA alpha (scale alpha / r)", between(1), **KEEP)
     lora_dropout: float = setting(0.05, "dropout on the LoRA input", BELOW_ONE)
-    lora_target_modules: list[str] = setting(LM_TARGETS, "language-model modules that get LoRA", IDENTIFIER,
-                                             **KEEP)
-    lora_vision_modules: list[str] = setting([], "vision-tower modules that get LoRA too", IDENTIFIER, **KEEP)
-    gradient_checkpointing: bool = setting(False, "recompute activations in the backward to save memory")
+    lora_target_modules: list[str] = setting(LM_TARGETS, "language-model LoRA targets", IDENTIFIER, **KEEP)
+    lora_vision_modules: list[str] = setting([], "vision-tower LoRA targets", IDENTIFIER, **KEEP)
+    gradient_checkpointing: bool = setting(False, "recompute activations: less memory")
     # prompt
-    question: str = setting(DEFAULT_QUESTION, "the question asked with every screenshot", NON_EMPTY, **KEEP)
-    yes_token: str = setting("Yes", "answer word of the positive class (label 1); one token", NON_EMPTY,
-                             **KEEP)
-    no_token: str = setting("No", "answer word of the negative class (label 0); one token", NON_EMPTY, **KEEP)
-    positive_label: str = setting(CLASSES[1], "name of class 1: its data folder and results key", NON_EMPTY)
-    negative_label: str = setting(CLASSES[0], "name of class 0: its data folder and results key", NON_EMPTY)
+    question: str = setting(QUESTION, "asked with every screenshot", NON_EMPTY, **KEEP)
+    yes_token: str = setting("Yes", "answer word of label 1 (one token)", NON_EMPTY, **KEEP)
+    no_token: str = setting("No", "answer word of label 0 (one token)", NON_EMPTY, **KEEP)
+    positive_label: str = setting(CLASSES[1], "class 1: data folder, results key", NON_EMPTY)
+    negative_label: str = setting(CLASSES[0], "class 0: data folder, results key", NON_EMPTY)
     # data
-    train_data: str = setting("data/wainject/train.jsonl", "training manifest or class-folder tree", NON_EMPTY)
-    val_data: str = setting("data/wainject/val.jsonl", "validation manifest or folder (picks the adapter)",
-                            NON_EMPTY)
-    test_data: str | None = setting(None, "test manifest or folder, scored once at the end", NON_EMPTY)
-    resize: str = setting("pad", "how pictures meet a fixed input shape", choices=["pad", "crop", "stretch"],
-                          **KEEP)
-    skip_bad_images: bool = setting(False, "skip and count unreadable images and bad labels, not stop")
-    allow_overlap: bool = setting(False, "go on when an image is in two of train/val/test (counted)")
-    num_workers: int = setting(2, "DataLoader worker processes that decode images", between(0, 256))
+    train_data: str = setting("data/wainject/train.jsonl", "manifest or class folders", NON_EMPTY)
+    val_data: str = setting("data/wainject/val.jsonl", "picks the adapter", NON_EMPTY)
+    test_data: str | None = setting(None, "scored once, at the end", NON_EMPTY)
+    resize: str = setting("pad", "to a fixed input shape", choices=["pad", "crop", "stretch"], **KEEP)
+    skip_bad_images: bool = setting(False, "skip and count bad images, labels")
+    allow_overlap: bool = setting(False, "allow an image in two splits (counted)")
+    num_workers: int = setting(2, "image-decoding loader workers", between(0, 256))
     # loss
-    class_weights: list[float] = setting([], "cross-entropy weights [No, Yes] (empty: unweighted)",
-                                         between(0, low_open=True))
-    # optimisation (the rest: RunConfig)
+    class_weights: list[float] = setting([], "weights [No, Yes] (empty: none)", between(0, low_open=True))
+    # optimisation (and RunConfig's)
     epochs: int = setting(3, "training epochs", between(0))
     batch_size: int = setting(4, "screenshots per micro-batch per process", between(1))
-    eval_batch_size: int = setting(8, "screenshots per evaluation batch per process", between(1))
+    eval_batch_size: int = setting(8, "screenshots per evaluation batch", between(1))
     grad_accum_steps: int = setting(4, "micro-batches per optimizer step", between(1))
-    lr: float = setting(2e-4, "peak learning rate (AdamW: above 1 is a typo)", ABOVE_ZERO)
-    weight_decay: float = setting(0.0, "AdamW weight decay on the LoRA weights", between(0, 10))
-    warmup_ratio: float = setting(0.03, "share of the optimizer steps spent in linear warmup", FRACTION)
-    min_lr_factor: float = setting(0.1, "the cosine ends at this fraction of --lr", FRACTION)
-    ema_decay: float = setting(0.0, "EMA of the LoRA weights, to evaluate and save (0: off)", BELOW_ONE)
+    lr: float = setting(2e-4, "peak learning rate", ABOVE_ZERO)
+    weight_decay: float = setting(0.0, "AdamW weight decay", between(0, 10))
+    warmup_ratio: float = setting(0.03, "share of steps in linear warmup", FRACTION)
+    min_lr_factor: float = setting(0.1, "the cosine ends at this x --lr", FRACTION)
+    ema_decay: float = setting(0.0, "EMA of the LoRA weights (0: off)", BELOW_ONE)
     # evaluation
-    best_metric: str = setting("auroc", "validation metric that picks the adapter",
-                               choices=["auroc", "f1", "accuracy"])
-    target_fpr: float = setting(0.05, "report the TPR at this false-positive rate", FRACTION)
-    # run (the rest: RunConfig)
-    output_dir: str = setting("runs/llava", "where the adapter, checkpoints, metrics and results go", NON_EMPTY)
-    merge: bool = setting(False, "also save base + adapter merged into full weights in output_dir/merged")
+    best_metric: str = setting("auroc", "picks the adapter", choices=["auroc", "f1", "accuracy"])
+    target_fpr: float = setting(0.05, "report the TPR at this FPR", FRACTION)
+    # run (and RunConfig's)
+    output_dir: str = setting("runs/llava", "where the run is written", NON_EMPTY)
+    merge: bool = setting(False, "also save base + adapter merged in merged/")
 
     def __post_init__(self):  # every field in its domain, then the rules that tie fields together
         super().__post_init__()
@@ -498,7 +483,6 @@ def train(cfg, accelerator, model, optimizer, loaders, answer_ids, ema, guard, s
     # The bar shows on the main process's terminal (disable=None: hidden when not a terminal).
     bar = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_local_main_process or None)
     running = RunningMean(1, accelerator.device)  # the loss since the last log line
-    grad_norm = torch.zeros(())
     done = preempted = False
     while not done and state.epoch < cfg.epochs and state.step < total_steps:  # a finished run resumes to the end
         epoch_start = time.perf_counter()
@@ -568,14 +552,13 @@ def train(cfg, accelerator, model, optimizer, loaders, answer_ids, ema, guard, s
             warn(f"validation at step {state.step}: {cfg.best_metric} is undefined on the {val['num_samples']} "
                  f"readable images (one class only); the best adapter is not updated")
         speed = samples / seconds
-        lr = optimizer.param_groups[0]["lr"]
         memory = peak_memory_mb(accelerator.device)
         scores = {f"val/{k}": val[k] for k in ("accuracy", "auroc", "f1", "precision", "recall") if val[k] is not None}
         run.log.log({"epoch": state.epoch, **scores, "train/samples_per_second": speed, "peak_memory_mb": memory},
                     state.step)
-        accelerator.print(f"epoch {state.epoch} | val {summary(val)} | best {cfg.best_metric} "
-                          f"{state.best_score:.3f} @ step {state.best_step} | lr {lr:.2e} | {speed:.1f} samples/s | "
-                          f"{memory:,.0f} MB")
+        accelerator.print(f"epoch {state.epoch} | val {summary(val)} | best {cfg.best_metric} {state.best_score:.3f} "
+                          f"@ step {state.best_step} | lr {optimizer.param_groups[0]['lr']:.2e} | {speed:.1f} "
+                          f"samples/s | {memory:,.0f} MB")
         save_checkpoint(accelerator, run.dir, state, objects, cfg, best=improved)
     bar.close()
     return preempted
@@ -649,7 +632,7 @@ def atomic_folder(final: Path):
     shutil.rmtree(tmp, ignore_errors=True)
     with writing(tmp, tmp=tmp):
         yield tmp
-        replace_folder(tmp, final)
+        swap_folder(tmp, final)
 
 
 def save_adapter(accelerator, model, processor, adapter_dir: Path, detector: dict) -> Path:
@@ -675,9 +658,9 @@ def save_merged(cfg: Config, processor, adapter_dir: Path) -> None:
         vlm.load_processor(str(adapter_dir)).save_pretrained(tmp)
 
 
-def save_and_score(cfg, accelerator, model, processor, loaders, answer_ids, state, run, facts: dict) -> dict:
+def save_and_score(cfg, accelerator, model, processor, loaders, answer_ids, state, run) -> tuple[dict, str]:
     """The best adapter, chosen on validation, is saved first (a bad test image cannot cost the training), then
-    the validation and test sets are scored once and the outputs written."""
+    the validation and test sets are scored once and their outputs written; returns their scores, and a line."""
     restore_trainable(accelerator, model, state.best_weights)  # the best on validation (none: the last weights)
     out = Path(cfg.output_dir)
     base_config = accelerator.unwrap_model(model).get_base_model().config
@@ -697,21 +680,17 @@ def save_and_score(cfg, accelerator, model, processor, loaders, answer_ids, stat
     results = {f"{split}_{k}": v for split, m in final.items() for k, v in m.items()
                if k not in ("roc", "scored", "kept")}
     results |= {"best_step": state.best_step, "best_metric": cfg.best_metric, "skipped_bad_images": len(skipped),
-                **facts, **vlm.weight_dtypes(model)}
+                **vlm.weight_dtypes(model)}
     if accelerator.is_main_process:
         write_predictions(out / "val_predictions.jsonl", samples_of(loaders["val"]), final["val"]["scored"])
-        write_json(out / "results.json", results)
-        plot_roc(out / "roc_curve.png", {split: (*m["roc"], m["auroc"]) for split, m in final.items()},
-                        cfg.classes)
+        rocs = {split: (*m["roc"], m["auroc"]) for split, m in final.items()}
+        plot_roc(out / "roc_curve.png", rocs, cfg.classes)
         if cfg.merge:  # output_dir/merged: base + adapter as full weights
             save_merged(cfg, processor, adapter_dir)
         if "test" in final:  # WAInjectBench's view: per subset, at 0.5 and at the validation threshold
-            table = benchmark_table(out / "test_per_subset.csv", final["val"], final["test"], cfg.target_fpr,
-                                           cfg.classes)
-            print(table)
-        print(" | ".join(f"{split} {summary(m)}" for split, m in final.items()) +
-              f" | {results['wall_seconds']:.0f} s | adapter in {adapter_dir}")
-    return results
+            print(benchmark_table(out / "test_per_subset.csv", final["val"], final["test"], cfg.target_fpr,
+                                  cfg.classes))
+    return results, " | ".join(f"{split} {summary(m)}" for split, m in final.items())
 
 
 def main(argv=None):
@@ -768,9 +747,12 @@ def main(argv=None):
             exit_preempted(accelerator, state.step)
         if not state.best_weights and ema:
             ema.copy_to()  # no validation ran (e.g. a tiny --max_steps): use the current EMA weights
-        facts = run_facts(accelerator, state, guard, cfg.seed, started)
-        facts |= {"images_in_two_splits": overlap[0], "copies_within_a_split": overlap[1]}
-        results = save_and_score(cfg, accelerator, model, processor, loaders, answer_ids, state, run, facts)
+        results, line = save_and_score(cfg, accelerator, model, processor, loaders, answer_ids, state, run)
+        results |= {"images_in_two_splits": overlap[0], "copies_within_a_split": overlap[1],
+                    **run_facts(accelerator, state, guard, cfg.seed, started)}
+        if accelerator.is_main_process:
+            write_json(Path(cfg.output_dir) / "results.json", results)
+            print(f"{line} | {results['wall_seconds']:.0f} s | adapter in {Path(cfg.output_dir) / 'adapter'}")
         finish(accelerator, run.preemption)
     return results
 

@@ -28,7 +28,7 @@ import torch
 from accelerate.utils import DistributedType
 
 from common.errors import UserError, first_line, warn
-from common.run_log import file_sha256, follow_umask, replace_folder, write_atomic, writing
+from common.run_log import file_sha256, follow_umask, swap_folder, write_atomic, writing
 
 LATEST = "LATEST"
 BEST = "BEST"
@@ -124,7 +124,7 @@ def save_checkpoint(accelerator, run_dir: Path, state: LoopState, objects: dict,
                     "config": dataclasses.asdict(cfg), "files": files,
                     "samples_into_epoch": state.batches_done * cfg.batch_size * accelerator.num_processes}
             (tmp / META).write_text(json.dumps(meta, indent=1))
-            replace_folder(tmp, final)
+            swap_folder(tmp, final)
     if accelerator.is_main_process:
         write_atomic(root / LATEST, final.name)
         if best:

@@ -71,7 +71,7 @@ def write_json(path: Path, obj: dict) -> None:
     write_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
-def replace_folder(tmp: Path, final: Path) -> None:
+def swap_folder(tmp: Path, final: Path) -> None:
     """Put a fully written folder in place of `final` (the old one stays whole until then), with the umask's
     permissions."""
     follow_umask(tmp)

@@ -449,7 +449,7 @@ def test_reloaded_adapter_reproduces_predictions_exactly(trained_run, tiny_model
     merged = LlavaForConditionalGeneration.from_pretrained(output_dir / "merged").eval()
     _, processor = load_base_and_processor(output_dir / "merged", torch.float32)
     samples, _ = train_llava.load_samples(str(screenshots / "val.jsonl"), skip_bad=False)
-    prompt = train_llava.build_prompt(processor, train_llava.DEFAULT_QUESTION)
+    prompt = train_llava.build_prompt(processor, train_llava.QUESTION)
     batch = train_llava.collate(list(enumerate(samples[:8])), processor, prompt, "pad")
     ids = train_llava.answer_token_ids(processor.tokenizer, "No", "Yes")
     with torch.no_grad():
