@@ -22,6 +22,7 @@ from common.config import NON_EMPTY, check_domains, parse_config, setting
 from common.errors import UserError, exit_on_user_error, first_line
 from common.launch import RUN_MARKER, RunFolder
 from common.outputs import check_output_file
+from dual_task_checks import check_runs
 
 
 @dataclass
@@ -68,7 +69,7 @@ def predict(cfg: Config) -> Path:
         trained, models = load_models(run_dir)
         output = check_output_file(cfg.output or run_dir / "predictions.csv", cfg.overwrite, inputs=[cfg.data],
                                    flag="--output")
-        runs = script.check_runs(script.read_runs(trained, cfg.data))["predict"]
+        runs = check_runs(script.read_runs(trained, cfg.data))["predict"]
         preds = []
         probs = []
         for prep, model in models:

@@ -16,7 +16,6 @@ What common/ does for it (run setup, checkpoints, the NaN guard, EMA, logging): 
 """
 
 import dataclasses
-import json
 import math
 import time
 import warnings
@@ -40,6 +39,8 @@ from common.launch import RunFolder, exit_preempted, finish, make_accelerator, p
 from common.preemption import Preemption
 from common.run_log import MetricsLog, Run, RunningMean, peak_memory_mb, write_atomic, write_json
 from common.schedules import linear_warmup, set_lr, warmup_cosine, warn_if_short
+from dual_task_checks import check_inputs, check_runs
+from dual_task_plots import plot_test_predictions, plot_training_curves
 
 INFORMATIVE_SENSORS = [2, 3, 4, 7, 8, 9, 11, 12, 13, 14, 15, 17, 20, 21]
 OPEN_FRACTION = between(0, 1, low_open=True, high_open=True)  # (0, 1)
@@ -121,7 +122,6 @@ class Config(RunConfig):  # each field a --flag and a YAML key; docs/dual_task.m
 # ----------------------------------------------------------------------------------------------
 
 SUBSETS = ["FD001", "FD002", "FD003", "FD004"]
-FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass
@@ -206,38 +206,6 @@ def read_runs(cfg: Config, predict_file: str | None = None) -> dict[str, Runs]:
             "test": runs(folder / f"test_{subset}.txt", rul_at_stop)}
 
 
-def check_runs(runs: dict[str, Runs]) -> dict[str, Runs]:
-    """Refuse, whichever reader made them, rows that break the layout, values not finite or beyond
-    float32, or (where the RUL is known: all but "predict") a negative RUL. Returns `runs`."""
-    for split, r in runs.items():
-        where = f"{r.source or r.name} ({split})"
-        if len(r.unit) == 0:
-            raise UserError(f"{where} holds no rows; check the data files")
-        lengths = {len(r.unit), len(r.cycle), len(r.condition), len(r.rul), len(r.sensors)}
-        if len(lengths) > 1 or r.sensors.ndim != 2 or r.sensors.shape[1] != len(r.sensor_names):
-            raise UserError(f"{where}: columns of different lengths, or {r.sensors.shape[-1]} sensor "
-                            f"columns for {len(r.sensor_names)} names; fix read_runs")
-        columns = {"unit": r.unit, "cycle": r.cycle, "condition": r.condition,
-                   **dict(zip(r.sensor_names, r.sensors.T))} | ({"RUL": r.rul} if split != "predict" else {})
-        for column, values in columns.items():
-            if (bad := ~np.isfinite(values) | (np.abs(values) > FLOAT32_MAX)).any():
-                row = int(np.argmax(bad)) + 1
-                raise UserError(f"{where} row {row} holds NaN or Inf or a value beyond float32 "
-                                f"({values[row - 1]:g}) in {column}; fix or remove that row")
-        same_unit = r.unit[1:] == r.unit[:-1]
-        bad = np.r_[False, same_unit & (r.cycle[1:] <= r.cycle[:-1])]  # cycles rise in a unit
-        bad |= (r.unit != np.round(r.unit)) | (r.cycle < 0) | (r.rul < 0) & (split != "predict")
-        starts = np.r_[0, np.nonzero(~same_unit)[0] + 1]
-        _, first = np.unique(r.unit[starts], return_index=True)
-        bad[np.delete(starts, first)] = True  # a unit whose rows are split in two
-        if bad.any():
-            row = int(np.argmax(bad)) + 1
-            raise UserError(f"{where} row {row} (unit {r.unit[row - 1]:g}, cycle {r.cycle[row - 1]:g}) "
-                            f"breaks the layout; each unit's rows together, whole unit numbers, cycles "
-                            f"rising from 0 or more, RUL 0 or more: fix the data or read_runs")
-    return runs
-
-
 def validation_units(units: np.ndarray, cfg: Config, fold: int) -> np.ndarray:
     """The units held out: a seeded share, or fold `fold` of --folds disjoint ones. By unit, never
     by window: the windows of one unit are strongly correlated."""
@@ -268,18 +236,6 @@ def fit_preprocessing(train: Runs, cfg: Config) -> dict:
     return {"data": train.name, "sensor_names": train.sensor_names, "sensor_stats": stats,
             "cycle_mean": float(train.cycle.mean()), "cycle_std": float(train.cycle.std()),
             **{key: getattr(cfg, key) for key in kept}}
-
-
-def check_inputs(runs: Runs, features: np.ndarray) -> np.ndarray:
-    """Inputs must be finite and within float32: a value far outside the training statistics (a
-    sensor in other units) is refused by name and row. Returns `features`."""
-    if (bad := ~np.isfinite(features) | (np.abs(features) > FLOAT32_MAX)).any():
-        row, column = np.argwhere(bad)[0]
-        name = (runs.sensor_names + ["cycle number"])[column]
-        raise UserError(f"{runs.source or runs.name} row {row + 1}: {name} becomes "
-                        f"{features[row, column]:g} once normalised, beyond float32; fix that row "
-                        f"(a unit or sentinel error?) or train on data like it")
-    return features
 
 
 def smooth_per_unit(features: np.ndarray, units: np.ndarray, alpha: float) -> np.ndarray:
@@ -627,21 +583,24 @@ def train(cfg, accelerator, model, optimizer, loaders, loss_fn, ema, guard, stat
         if cfg.scheduler == "plateau" and state.step >= cfg.warmup_epochs * steps_per_epoch:
             step_plateau(state, selected, cfg)
             set_lr(optimizer, current_lr())
-        speed = samples / seconds
-        lr = optimizer.param_groups[0]["lr"]
-        memory = peak_memory_mb(accelerator.device)
-        run.log.log({"epoch": state.epoch, "val/rmse": val["windows"]["rmse"], "val/rmse_cut": val["cut"]["rmse"],
-                     "val/health_accuracy": val["windows"]["health_accuracy"], "train/samples_per_second": speed,
-                     "peak_memory_mb": memory, "train/lr": lr}, state.step)
-        accelerator.print(f"epoch {state.epoch:3d} | val RMSE {val['windows']['rmse']:6.2f} cut "
-                          f"{val['cut']['rmse']:6.2f} health acc {val['windows']['health_accuracy']:.3f} | best "
-                          f"{state.best_val_rmse:6.2f} @ {state.best_epoch} | lr {lr:.2e} | {speed:,.0f} "
-                          f"samples/s | {memory:,.0f} MB", flush=True)
+        report_epoch(accelerator, run, state, val, samples / seconds, optimizer.param_groups[0]["lr"])
         save_checkpoint(accelerator, run.dir, state, objects, cfg, best=improved)
         if state.epochs_since_best >= cfg.early_stopping_patience:
             accelerator.print(f"early stopping: no better validation RMSE for {cfg.early_stopping_patience} epochs")
     bar.close()
     return preempted
+
+
+def report_epoch(accelerator, run: Run, state: TrainState, val: dict, speed: float, lr: float) -> None:
+    """An epoch's end in metrics.jsonl (and the trackers), and its line on the console."""
+    memory = peak_memory_mb(accelerator.device)
+    run.log.log({"epoch": state.epoch, "val/rmse": val["windows"]["rmse"], "val/rmse_cut": val["cut"]["rmse"],
+                 "val/health_accuracy": val["windows"]["health_accuracy"], "train/samples_per_second": speed,
+                 "peak_memory_mb": memory, "train/lr": lr}, state.step)
+    accelerator.print(f"epoch {state.epoch:3d} | val RMSE {val['windows']['rmse']:6.2f} cut "
+                      f"{val['cut']['rmse']:6.2f} health acc {val['windows']['health_accuracy']:.3f} | best "
+                      f"{state.best_val_rmse:6.2f} @ {state.best_epoch} | lr {lr:.2e} | {speed:,.0f} samples/s "
+                      f"| {memory:,.0f} MB", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -706,61 +665,12 @@ def write_predictions(path: Path, units, pred, health_prob, true=None) -> None:
     write_atomic(path, "\n".join(",".join(map(str, row)) for row in [header, *rows]) + "\n")
 
 
-def pyplot():
-    import matplotlib  # here: only the main process plots, at the very end
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_training_curves(run_dir: Path, rul_cap: int) -> None:
-    """run_dir/training_curves.png: the task losses, both validation RMSEs and the LR, by step."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-
-    def series(key, scale=lambda value: value):  # (steps, values) of the records that hold `key`
-        return [r["step"] for r in records if key in r], [scale(r[key]) for r in records if key in r]
-
-    plt = pyplot()
-    fig, (rul, health, lr) = plt.subplots(1, 3, figsize=(16, 4))
-    # The task losses, not the AMNL total: that divides each loss by its own falling average, so it
-    # hovers near 1 and rises as the model learns, which reads as divergence.
-    cycles = series("train/rul_loss", lambda v: math.sqrt(max(v, 0)) * rul_cap)
-    rul.plot(*cycles, label="training: √(failure-weighted MSE)")
-    rul.plot(*series("val/rmse"), "o-", label="validation RMSE, all windows")
-    rul.plot(*series("val/rmse_cut"), "s-", label="validation RMSE, cut like test")
-    rul.set(title="RUL error (validation: EMA weights)", xlabel="optimizer step", ylabel="cycles")
-    rul.legend()
-    health.plot(*series("train/health_loss"))
-    health.set(title="health-state loss", xlabel="optimizer step", ylabel="cross-entropy")
-    total = health.twinx()
-    total.plot(*series("train/loss"), color="0.7", linewidth=0.8)
-    total.set_ylabel("AMNL total (about 1 by construction)", color="0.5")
-    lr.plot(*series("train/lr"))
-    lr.set(title="learning rate", xlabel="optimizer step")
-    fig.tight_layout()
-    fig.savefig(run_dir / "training_curves.png", dpi=100)
-    plt.close(fig)
-
-
 def write_test_outputs(run_dir: Path, test: dict, results: dict, units, label: str, picked: str = "") -> None:
-    """results.json, test_predictions.csv and .png (each unit's predicted RUL against the true one,
-    sorted by the true RUL), and one console line."""
+    """results.json, test_predictions.csv and .png, and one console line."""
     write_json(run_dir / "results.json", results)
     write_predictions(run_dir / "test_predictions.csv", units, test["pred"], test["health_prob"], test["true"])
     score = "" if results["test_score"] is None else f" | PHM08 score {results['test_score']:.1f}"
-    plt = pyplot()
-    order = torch.argsort(test["true"])
-    fig, ax = plt.subplots(figsize=(10, 4))
-    ax.plot(test["true"][order], "k-", label="true RUL (capped)")
-    ax.plot(test["pred"][order], "o", markersize=3, label="predicted RUL")
-    ax.set(title=f"test units, last cycle: RMSE {results['test_rmse']:.2f}{score}", ylabel="cycles",
-           xlabel="test unit (sorted by true RUL)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(run_dir / "test_predictions.png", dpi=100)
-    plt.close(fig)
+    plot_test_predictions(run_dir / "test_predictions.png", test["pred"], test["true"], results["test_rmse"], score)
     print(f"{label}test RMSE {results['test_rmse']:.2f}{score} | health accuracy "
           f"{results['test_health_accuracy']:.3f}{picked} | {results['wall_seconds']:.0f} s | results in "
           f"{run_dir / 'results.json'}")

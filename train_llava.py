@@ -64,12 +64,12 @@ class Config(RunConfig):  # each field a --flag and a YAML key; docs/llava.md#se
         "predict with python predict_llava.py --run_dir RUN --data MANIFEST_OR_FOLDER")
     # model
     model: str = setting("llava-hf/llava-1.5-7b-hf", "checkpoint folder or hub id", NON_EMPTY, **KEEP)
-    model_dtype: str | None = setting(None, "the base's dtype (None: bf16 on a GPU)", choices=list(DTYPES))
+    model_dtype: str | None = setting(None, "base dtype (None: bf16 on a GPU)", choices=list(DTYPES))
     lora_r: int = setting(8, "LoRA rank", between(1, 4096), **KEEP)
     lora_alpha: int = setting(32, "LoRA alpha (scale alpha / r)", between(1), **KEEP)
     lora_dropout: float = setting(0.05, "dropout on the LoRA input", BELOW_ONE)
-    lora_target_modules: list[str] = setting(LM_TARGETS, "language-model LoRA targets", IDENTIFIER, **KEEP)
-    lora_vision_modules: list[str] = setting([], "vision-tower LoRA targets", IDENTIFIER, **KEEP)
+    lora_target_modules: list[str] = setting(LM_TARGETS, "language-model targets", IDENTIFIER, **KEEP)
+    lora_vision_modules: list[str] = setting([], "vision-tower targets", IDENTIFIER, **KEEP)
     gradient_checkpointing: bool = setting(False, "recompute activations: less memory")
     # prompt
     question: str = setting(QUESTION, "asked with every screenshot", NON_EMPTY, **KEEP)
@@ -86,7 +86,7 @@ class Config(RunConfig):  # each field a --flag and a YAML key; docs/llava.md#se
     allow_overlap: bool = setting(False, "allow an image in two splits (counted)")
     num_workers: int = setting(2, "image-decoding loader workers", between(0, 256))
     # loss
-    class_weights: list[float] = setting([], "weights [No, Yes] (empty: none)", between(0, low_open=True))
+    class_weights: list[float] = setting([], "[No, Yes] weights (empty: none)", between(0, low_open=True))
     # optimisation (and RunConfig's)
     epochs: int = setting(3, "training epochs", between(0))
     batch_size: int = setting(4, "screenshots per micro-batch per process", between(1))
@@ -108,19 +108,17 @@ class Config(RunConfig):  # each field a --flag and a YAML key; docs/llava.md#se
         super().__post_init__()
         for flag, name in (("--positive_label", self.positive_label), ("--negative_label", self.negative_label)):
             if not re.fullmatch(r"\w[\w.-]*", name) or name in ("tpr", "fpr"):  # a folder and a results key
-                raise UserError(f"{flag} {name!r} cannot name a data folder and a results.json key; use letters, "
-                                f"digits, _, - and . (not first), and not tpr or fpr")
+                raise UserError(f"{flag} {name!r} cannot name a data folder and a results.json key; use "
+                                f"letters, digits, _, - and . (not first), not tpr or fpr")
         if self.positive_label == self.negative_label:
-            raise UserError(f"--positive_label and --negative_label are both {self.positive_label!r}; name two "
-                            f"classes")
+            raise UserError(f"the class labels are both {self.positive_label!r}; name two classes")
         if len(self.class_weights) not in (0, 2):
             raise UserError(f"--class_weights takes two numbers [No, Yes], got {self.class_weights}; e.g. 1,3")
         if not self.lora_target_modules and not self.lora_vision_modules:
             raise UserError("no LoRA targets: --lora_target_modules and --lora_vision_modules are both empty; "
                             "name one")
         if self.yes_token == self.no_token:
-            raise UserError(f"--yes_token and --no_token are both {self.yes_token!r}; give two different answer "
-                            f"words")
+            raise UserError(f"--yes_token and --no_token are both {self.yes_token!r}; give two words")
 
     @property
     def classes(self) -> tuple[str, str]:
@@ -196,8 +194,9 @@ def read_folder(root: Path, need_labels: bool, classes: tuple[str, str]) -> list
             problem = f"neither a {missing[0]} nor a {missing[1]} folder"
         if strays:
             problem += f", only {', '.join(f'{name}/' for name in folders)}"
-        fix = ", or name its class folders with --negative_label and --positive_label" if strays else \
-            " or pass a JSONL manifest"
+        fix = " or pass a JSONL manifest"
+        if strays:
+            fix = ", or name its class folders with --negative_label and --positive_label"
         raise UserError(f"{root} has {problem}; lay it out as {{{','.join(classes)}}}/<subset>/<image>{fix}")
     samples = []
     for folder, label in found or [(root, -1)]:
@@ -208,7 +207,7 @@ def read_folder(root: Path, need_labels: bool, classes: tuple[str, str]) -> list
     return samples
 
 
-def load_samples(spec: str, skip_bad: bool, need_labels: bool = True, classes: tuple[str, str] = CLASSES):
+def load_samples(spec: str, skip_bad: bool, need_labels=True, classes: tuple[str, str] = CLASSES):
     """The samples of a manifest or folder, every image's header checked; them and what was skipped."""
     path = Path(spec)
     folders = "{" + ",".join(classes) + "}/"
@@ -228,8 +227,8 @@ def load_samples(spec: str, skip_bad: bool, need_labels: bool = True, classes: t
         warn(f"skipping {entry}")
     readable = [sample for sample, problem in zip(samples, problems) if not problem]
     if not readable:
-        raise UserError(f"{path} holds no usable images; add lines like {{\"path\": \"page.png\", \"label\": 1}} "
-                        f"or point it at a {folders} folder")
+        raise UserError(f"{path} holds no usable images; add lines like {{\"path\": \"a.png\", \"label\": 1}} "
+                        f"or use a {folders} folder")
     return readable, skipped
 
 
@@ -259,10 +258,12 @@ def collate(items, processor, prompt: str, resize: str):
     inputs = processor(images=images, text=[prompt] * len(images), padding=True, return_tensors="pt")
     labels = torch.tensor([max(s.label, 0) for _, s in items])
     index = torch.tensor([i for i, _ in items])
-    return {"inputs": dict(inputs), "labels": labels, "valid": torch.tensor(valid), "index": index, "bad": bad}
+    valid = torch.tensor(valid)
+    return {"inputs": dict(inputs), "labels": labels, "valid": valid, "index": index, "bad": bad}
 
 
-def make_loader(samples, processor, prompt: str, resize: str, batch_size: int, num_workers: int, seed=None):
+def make_loader(samples, processor, prompt: str, resize: str, batch_size: int, num_workers: int,
+                seed=None):
     """Batches of (index, sample), decoded by `collate`; shuffled by `seed` (None: in order, to evaluate)."""
     return torch.utils.data.DataLoader(
         list(enumerate(samples)), batch_size=batch_size, shuffle=seed is not None, num_workers=num_workers,
@@ -294,9 +295,8 @@ TESTED_FAMILIES = ("llava", "llava_next", "idefics3")  # config.json model types
 
 def base_dtype(model_dtype: str | None) -> torch.dtype:
     """The dtype to hold a frozen base in: --model_dtype, else bf16 on a GPU that has it and fp32 elsewhere."""
-    if model_dtype is not None:
-        return DTYPES[model_dtype]
-    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return DTYPES[model_dtype or ("bf16" if bf16 else "fp32")]
 
 
 def load_base(model_id: str, processor, dtype: torch.dtype):
@@ -327,7 +327,8 @@ def lora_config(cfg: Config, model):
     used = "|".join(map(str, vlm.used_vision_layers(model.config)))
     within = {"language model": rf"{re.escape(parts['language model'])}\..*\.",
               "vision tower": rf"{re.escape(parts['vision layers'])}\.({used})\..*\."}
-    patterns = [f"{within[part]}({'|'.join(names)})" for part, names in lora_targets(cfg).values() if names]
+    targets = [(within[part], "|".join(names)) for part, names in lora_targets(cfg).values() if names]
+    patterns = [f"{where}({names})" for where, names in targets]
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules="|".join(patterns))
 
@@ -364,7 +365,7 @@ def answer_token_ids(tokenizer, no_word: str, yes_word: str) -> list[int]:
                             f"{tokenizer.convert_ids_to_tokens(pieces)}); pass a single-token word with {flag}")
         ids.append(pieces[0])
     if ids[0] == ids[1]:
-        raise UserError(f"--no_token {no_word!r} and --yes_token {yes_word!r} are the same token; pass two words")
+        raise UserError(f"{no_word!r} and {yes_word!r} are the same token; pass two words")
     return ids
 
 
@@ -393,7 +394,8 @@ def fit_fsdp_wrapping(accelerator, model) -> None:
     if plugin is None or plugin.auto_wrap_policy is not transformer_auto_wrap_policy:
         return
     present = {type(module).__name__ for module in model.modules()}
-    wanted = plugin.transformer_cls_names_to_wrap or sorted(getattr(model, "_no_split_modules", None) or [])
+    own = sorted(getattr(model, "_no_split_modules", None) or [])
+    wanted = plugin.transformer_cls_names_to_wrap or own
     plugin.transformer_cls_names_to_wrap = [name for name in wanted if name in present]
 
 
@@ -410,7 +412,8 @@ def gather_trainable(accelerator, model) -> dict:
 def restore_trainable(accelerator, model, weights: dict) -> None:
     """Put weights from `gather_trainable` back, each process its part (none: nothing to do). All of them,
     or an error: a name that did not match would leave a weight as it was."""
-    trainable = {name: p for name, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+    named = accelerator.unwrap_model(model).named_parameters()
+    trainable = {name: p for name, p in named if p.requires_grad}
     if weights and weights.keys() != trainable.keys():
         raise RuntimeError(f"saved weights do not match the model's trainable ones: "
                            f"{sorted(weights.keys() ^ trainable.keys())[:3]}")
@@ -472,8 +475,8 @@ def train(cfg, accelerator, model, optimizer, loaders, answer_ids, ema, guard, s
     warmup_steps = round(cfg.warmup_ratio * total_steps)
     class_weights = torch.tensor(cfg.class_weights, device=accelerator.device) if cfg.class_weights else None
     objects = {"guard": guard} | ({"ema": ema} if ema else {})  # checkpointed beside the loop's state
-    warn_if_short(total_steps, steps_per_epoch, cfg.max_steps, "the adapter is saved as initialised (LoRA B = "
-                  "0: the base model's answers)", "no validation picks a best adapter, and the last weights are saved")
+    warn_if_short(total_steps, steps_per_epoch, cfg.max_steps, "the adapter is saved as initialised",
+                  "no validation picks an adapter: the last is saved")
 
     def current_lr():  # the update that makes step+1: never a zero LR on the first update
         schedule = warmup_cosine(state.step + 1, warmup_steps, total_steps, final_factor=cfg.min_lr_factor)
@@ -588,11 +591,12 @@ def score_images(model, loader, accelerator, answer_ids, skip_bad: bool, skipped
 def evaluate(model, loader, accelerator, answer_ids, cfg: Config, skipped: set) -> dict:
     scored = score_images(model, loader, accelerator, answer_ids, cfg.skip_bad_images, skipped)
     if not np.isfinite(scored["p_yes"]).all():  # weights that overflowed: no result beats a meaningless one
-        raise NonFiniteTrainingError("the model's answers are not finite (the LoRA weights diverged); lower --lr, "
-                                     "then resume from a checkpoint before the divergence or start again")
+        raise NonFiniteTrainingError("the model's answers are not finite (its LoRA weights diverged); lower "
+                                     "--lr and resume from an earlier checkpoint")
     keep = scored["valid"] > 0  # placeholders of unreadable images do not count
     samples = samples_of(loader)
-    kept = (scored["p_yes"][keep], scored["label"][keep], [samples[i].subset for i in scored["index"][keep]])
+    subsets = [samples[i].subset for i in scored["index"][keep]]
+    kept = (scored["p_yes"][keep], scored["label"][keep], subsets)
     return classification_metrics(*kept, cfg.target_fpr, cfg.classes) | {"scored": scored, "kept": kept}
 
 
@@ -610,8 +614,9 @@ def write_predictions(path: Path, samples: list[Sample], scored: dict) -> None:
 # main: check every input, then train, restore the best adapter, save it, score val and test once
 # ----------------------------------------------------------------------------------------------
 
-RUN_OUTPUTS = ["config.yaml", "results.json", "metrics.jsonl", "val_predictions.jsonl", "roc_curve.png", "adapter",
-               "merged", "checkpoints", "test_per_subset.csv", "llava_injection"]  # "llava_injection": tensorboard
+RUN_OUTPUTS = ["config.yaml", "results.json", "metrics.jsonl", "val_predictions.jsonl",
+               "roc_curve.png", "adapter", "merged", "checkpoints", "test_per_subset.csv",
+               "llava_injection"]  # "llava_injection": tensorboard
 
 
 def check_model(cfg: Config):
@@ -658,7 +663,8 @@ def save_merged(cfg: Config, processor, adapter_dir: Path) -> None:
         vlm.load_processor(str(adapter_dir)).save_pretrained(tmp)
 
 
-def save_and_score(cfg, accelerator, model, processor, loaders, answer_ids, state, run) -> tuple[dict, str]:
+def save_and_score(cfg, accelerator, model, processor, loaders, answer_ids, state,
+                   run) -> tuple[dict, str]:
     """The best adapter, chosen on validation, is saved first (a bad test image cannot cost the training), then
     the validation and test sets are scored once and their outputs written; returns their scores, and a line."""
     restore_trainable(accelerator, model, state.best_weights)  # the best on validation (none: the last weights)
@@ -679,8 +685,8 @@ def save_and_score(cfg, accelerator, model, processor, loaders, answer_ids, stat
     skipped = set().union(*gather_object([sorted(run.skipped)]))  # unreadable files seen by any process
     results = {f"{split}_{k}": v for split, m in final.items() for k, v in m.items()
                if k not in ("roc", "scored", "kept")}
-    results |= {"best_step": state.best_step, "best_metric": cfg.best_metric, "skipped_bad_images": len(skipped),
-                **vlm.weight_dtypes(model)}
+    results |= {"best_step": state.best_step, "best_metric": cfg.best_metric,
+                "skipped_bad_images": len(skipped), **vlm.weight_dtypes(model)}
     if accelerator.is_main_process:
         write_predictions(out / "val_predictions.jsonl", samples_of(loaders["val"]), final["val"]["scored"])
         rocs = {split: (*m["roc"], m["auroc"]) for split, m in final.items()}
@@ -713,9 +719,9 @@ def main(argv=None):
         check_metric_defined({s.label for s in data["val"]}, cfg.best_metric, class_words(cfg.classes),
                                     "--val_data")
         overlap = check_overlap(data, cfg.allow_overlap)  # an image (bytes or pixels) in two splits
-        accelerator.print(", ".join(f"{len(s)} {split} images ({sum(x.label == 0 for x in s)} {cfg.negative_label}, "
-                                    f"{sum(x.label == 1 for x in s)} {cfg.positive_label})"
-                                    for split, s in data.items()))
+        counts = [(split, len(s), sum(x.label == 1 for x in s)) for split, s in data.items()]
+        accelerator.print(", ".join(f"{n} {split} images ({n - positives} {cfg.negative_label}, {positives} "
+                                    f"{cfg.positive_label})" for split, n, positives in counts))
         processor, answer_ids, prompt = check_model(cfg)
 
         set_seed(cfg.seed)  # the LoRA initialisation and the batch order depend on it alone
@@ -737,7 +743,8 @@ def main(argv=None):
         guard = NonFiniteGuard(accelerator, model, optimizer, cfg.nan_lr_backoff, cfg.max_nonfinite_in_a_row)
         state = TrainState()
         if resume_path is not None:  # the same objects that train() checkpoints
-            load_checkpoint(accelerator, resume_path, state, {"guard": guard} | ({"ema": ema} if ema else {}), cfg)
+            objects = {"guard": guard} | ({"ema": ema} if ema else {})
+            load_checkpoint(accelerator, resume_path, state, objects, cfg)
         start_run(accelerator, cfg, folder, RUN_OUTPUTS, fresh=resume_path is None, project="llava_injection")
         # SIGTERM/SIGINT: during training, finish the step, checkpoint and exit 75; after it, finish the final
         # phase (save, score, write) and exit 0. A second signal stops at once.

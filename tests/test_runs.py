@@ -1,6 +1,7 @@
-"""common/runs.py: `check_runs` and `check_inputs` refuse, whichever reader produced the data, rows that would train
-on nonsense (a broken unit/cycle layout, a value that is not finite or beyond float32, a negative RUL), with one
-line that names the data, the row and the column; and train_dual_task.py runs them on what any `read_runs` returns."""
+"""dual_task_checks.py: `check_runs` and `check_inputs` refuse, whichever reader produced the data, rows that would
+train on nonsense (a broken unit/cycle layout, a value that is not finite or beyond float32, a negative RUL), with
+one line that names the data, the row and the column; and train_dual_task.py runs them on what any `read_runs`
+returns."""
 
 import gzip
 import re
@@ -14,7 +15,8 @@ from hypothesis import strategies as st
 
 import train_dual_task
 from common.errors import UserError
-from train_dual_task import FLOAT32_MAX, Runs, check_inputs, check_runs
+from dual_task_checks import FLOAT32_MAX, check_inputs, check_runs
+from train_dual_task import Runs
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "cmapss"
 
