@@ -55,15 +55,12 @@ def between(low: float, high: float = math.inf, *, low_open=False, high_open=Fal
     return Domain(describe, accepts, low, high, low_open, high_open)
 
 
-def matching(pattern: str, describe: str) -> Domain:
-    return Domain(describe, lambda v: isinstance(v, str) and re.fullmatch(pattern, v) is not None)
-
-
 FRACTION = between(0, 1)
 BELOW_ONE = between(0, 1, high_open=True)  # a decay, a dropout
 ABOVE_ZERO = between(0, 1, low_open=True)  # a learning rate, a factor that must not be zero
-NON_EMPTY = matching(r"(?s).*\S.*", "a non-empty string")
-IDENTIFIER = matching(r"[A-Za-z_][A-Za-z0-9_]*", "a module name (letters, digits and _)")
+NON_EMPTY = Domain("a non-empty string", lambda v: isinstance(v, str) and v.strip() != "")
+IDENTIFIER = Domain("a module name (letters, digits and _)",
+                    lambda v: isinstance(v, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v) is not None)
 TRACKERS = ["none", "all", *sorted(str(t) for t in get_available_trackers())]  # Accelerate's, installed here
 PRECISIONS = ["no", "bf16", "fp16"]
 KEEP = {"same_on_resume": True}  # a resumed run must keep this setting (the data, the model's shape)

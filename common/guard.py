@@ -27,9 +27,7 @@ from common.errors import NonFiniteTrainingError
 
 
 def _inner_optimizer(optimizer):
-    while hasattr(optimizer, "optimizer"):  # accelerate's AcceleratedOptimizer wraps the torch one
-        optimizer = optimizer.optimizer
-    return optimizer
+    return getattr(optimizer, "optimizer", optimizer)  # Accelerate's AcceleratedOptimizer wraps the torch one
 
 
 def disable_mixed_precision(accelerator, model) -> None:
