@@ -92,6 +92,7 @@ class Config(RunConfig):  # each field a --flag and a YAML key; docs/dual_task.m
     early_stopping_patience: int = setting(20, "stop after this many bad epochs", between(1))
     # run (and RunConfig's)
     output_dir: str = setting("runs/dual_task", "where the run is written", NON_EMPTY)
+    seed: int = setting(42, "seed of the split, init and batches", between(0, 2**32 - 1), **KEEP)
     log_every: int = setting(50, "log (and check NaN) every N steps", between(1))
     num_threads: int = setting(1, "CPU threads per process (0: all)", between(0, 1024))
 
