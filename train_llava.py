@@ -213,10 +213,10 @@ def load_samples(spec: str, skip_bad: bool, need_labels=True, classes: tuple[str
     folders = "{" + ",".join(classes) + "}/"
     if not path.exists():
         raise UserError(f"data path {path} does not exist; pass a JSONL manifest or a {folders} folder")
+    samples = read_folder(path, need_labels, classes) if path.is_dir() else []
+    skipped = []
     if path.is_file():
         samples, skipped = read_manifest(path, skip_bad, need_labels, classes)
-    else:
-        samples, skipped = read_folder(path, need_labels, classes), []
     problems = in_threads(image_problem, [sample.path for sample in samples])  # headers, before training
     bad = [(sample, problem) for sample, problem in zip(samples, problems) if problem]
     if bad and not skip_bad:
