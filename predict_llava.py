@@ -112,7 +112,8 @@ def predict(cfg: Config) -> dict:
         output = check_output_file(cfg.output or Path(cfg.run_dir) / "predictions.jsonl", cfg.overwrite,
                                    inputs=[cfg.data], flag="--output")
         samples, _ = script.load_samples(cfg.data, cfg.skip_bad_images, need_labels=False, classes=classes)
-        model, processor, detector = load_trained(base, adapter_dir, script.base_dtype(cfg.model_dtype))
+        dtype = script.base_dtype(cfg.model_dtype, accelerator.mixed_precision)
+        model, processor, detector = load_trained(base, adapter_dir, dtype)
         prompt = script.build_prompt(processor, detector["question"])
         loader = script.make_loader(samples, processor, prompt, detector["resize"], cfg.batch_size, cfg.num_workers)
         model, loader = accelerator.prepare(model, loader)

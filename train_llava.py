@@ -293,10 +293,15 @@ def check_bad_images(bad: list[str], skip: bool, seen: set) -> None:
 TESTED_FAMILIES = ("llava", "llava_next", "idefics3")  # config.json model types with tests here (docs/llava.md)
 
 
-def base_dtype(model_dtype: str | None) -> torch.dtype:
-    """The dtype to hold a frozen base in: --model_dtype, else bf16 on a GPU that has it and fp32 elsewhere."""
-    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return DTYPES[model_dtype or ("bf16" if bf16 else "fp32")]
+def base_dtype(model_dtype: str | None, mixed_precision: str) -> torch.dtype:
+    """The dtype to hold a frozen base in: --model_dtype; else fp16 under fp16 autocast (a bf16 base would be
+    cast at every op), bf16 on a GPU that has it natively (not emulated), fp32 elsewhere."""
+    cuda = torch.cuda.is_available()
+    native_bf16 = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
+    default = "bf16" if native_bf16 else "fp32"
+    if mixed_precision == "fp16":
+        default = "fp16"
+    return DTYPES[model_dtype or default]
 
 
 def load_base(model_id: str, processor, dtype: torch.dtype):
@@ -385,18 +390,27 @@ def answer_logits(model, inputs: dict, answer_ids: list[int]) -> torch.Tensor:
 
 
 def fit_fsdp_wrapping(accelerator, model) -> None:
-    """FSDP2 shards each transformer block as its own unit: the block classes the launch config names, else the
-    model's own `_no_split_modules`, keeping those the model has (Accelerate refuses a name the model lacks, and
-    LLaVA's list names a CLIP text block it does not contain). Call before `prepare`."""
+    """FSDP2 shards each transformer block as its own unit: the classes the launch config names and the model's
+    (and its parts') `_no_split_modules`, those the model has (Accelerate refuses a name it lacks). A language
+    model that would be one unit (gathered whole: no memory saved) is refused. Call before `prepare`."""
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
     plugin = accelerator.state.fsdp_plugin if accelerator.is_fsdp2 else None
     if plugin is None or plugin.auto_wrap_policy is not transformer_auto_wrap_policy:
         return
     present = {type(module).__name__ for module in model.modules()}
-    own = sorted(getattr(model, "_no_split_modules", None) or [])
-    wanted = plugin.transformer_cls_names_to_wrap or own
-    plugin.transformer_cls_names_to_wrap = [name for name in wanted if name in present]
+    named = set(plugin.transformer_cls_names_to_wrap or [])
+    for module in model.modules():
+        named |= set(getattr(module, "_no_split_modules", None) or [])
+    wrapped = named & present
+    plugin.transformer_cls_names_to_wrap = sorted(wrapped)
+    depth = model.config.text_config.num_hidden_layers
+    lists = [m for m in model.get_decoder().modules() if isinstance(m, torch.nn.ModuleList)]
+    layers = next(m for m in lists if len(m) == depth)
+    if blocks := {type(layer).__name__ for layer in layers} - wrapped:
+        raise UserError(f"FSDP2 would gather the whole language model at once: its blocks ({', '.join(blocks)}) "
+                        f"are not in its _no_split_modules; name them in the launch config's "
+                        f"fsdp_transformer_layer_cls_to_wrap")
 
 
 def gather_trainable(accelerator, model) -> dict:
@@ -653,11 +667,11 @@ def save_adapter(accelerator, model, processor, adapter_dir: Path, detector: dic
     return adapter_dir
 
 
-def save_merged(cfg: Config, processor, adapter_dir: Path) -> None:
+def save_merged(cfg: Config, processor, adapter_dir: Path, dtype: torch.dtype) -> None:
     """output_dir/merged: the base + the saved adapter merged into full weights, reloaded as a user would."""
     from peft import PeftModel
 
-    base = load_base(cfg.model, processor, base_dtype(cfg.model_dtype))
+    base = load_base(cfg.model, processor, dtype)
     with atomic_folder(Path(cfg.output_dir) / "merged") as tmp:
         PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().save_pretrained(tmp)
         vlm.load_processor(str(adapter_dir)).save_pretrained(tmp)
@@ -691,8 +705,6 @@ def save_and_score(cfg, accelerator, model, processor, loaders, answer_ids, stat
         write_predictions(out / "val_predictions.jsonl", samples_of(loaders["val"]), final["val"]["scored"])
         rocs = {split: (*m["roc"], m["auroc"]) for split, m in final.items()}
         plot_roc(out / "roc_curve.png", rocs, cfg.classes)
-        if cfg.merge:  # output_dir/merged: base + adapter as full weights
-            save_merged(cfg, processor, adapter_dir)
         if "test" in final:  # WAInjectBench's view: per subset, at 0.5 and at the validation threshold
             print(benchmark_table(out / "test_per_subset.csv", final["val"], final["test"], cfg.target_fpr,
                                   cfg.classes))
@@ -725,7 +737,7 @@ def main(argv=None):
         processor, answer_ids, prompt = check_model(cfg)
 
         set_seed(cfg.seed)  # the LoRA initialisation and the batch order depend on it alone
-        dtype = base_dtype(cfg.model_dtype)
+        dtype = base_dtype(cfg.model_dtype, accelerator.mixed_precision)
         model = add_lora(cfg, load_base(cfg.model, processor, dtype))
         lora_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
         accelerator.print(f"{cfg.model} ({dtype}): {lora_parameters:,} LoRA parameters | answer ids "
@@ -761,6 +773,8 @@ def main(argv=None):
             write_json(Path(cfg.output_dir) / "results.json", results)
             print(f"{line} | {results['wall_seconds']:.0f} s | adapter in {Path(cfg.output_dir) / 'adapter'}")
         finish(accelerator, run.preemption)
+    if cfg.merge and accelerator.is_main_process:  # after every process has left its last collective, so none
+        save_merged(cfg, processor, Path(cfg.output_dir) / "adapter", dtype)  # waits while this one merges
     return results
 
 

@@ -8,7 +8,7 @@
 Part 1, the scripts' own main() under `accelerate launch --config_file ...` (one launch per config,
 its runs one after another; tiny settings), each run with one forced non-finite loss at update 3:
   - accelerate_configs/single_gpu.yaml in bf16 and in fp16, both scripts: the table shows the update
-    the guard fell back at, the dtype the model's last layer computed in before and after it, the LR
+    the guard fell back at, the dtype the model's last trainable layer computed in before and after it, the LR
     before and after (the schedule is held constant, so the ratio is the backoff) and that the run
     finished (main() returned, results.json written, a finite test score);
   - accelerate_configs/fsdp.yaml with 1 process, both scripts, the same columns; the LLaVA adapter is
@@ -74,9 +74,9 @@ PEAK_BF16_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), 
 def run_child(plan_file: str) -> None:
     """Runs inside `accelerate launch`: each planned run is the script's own main(), one after another (Accelerate's
     state reset in between, as the test suite does: one launch per accelerate config, not one per run, keeps --tiny
-    near a minute). The training loss is made NaN once, and the dtype of the last linear layer before each training
-    loss is recorded: the model's output layer (the LLaVA lm_head, the dual-task heads); Accelerate converts the
-    model's outputs to fp32, so look inside."""
+    near a minute). The training loss is made NaN once, and the dtype of the last trainable linear layer before
+    each training loss is recorded (the LLaVA adapter's last LoRA layer, the dual-task heads; a frozen bf16 base
+    stays bf16 after the fallback); Accelerate converts the model's outputs to fp32, so look inside."""
     import importlib
 
     from accelerate.state import AcceleratorState, GradientState
@@ -85,8 +85,9 @@ def run_child(plan_file: str) -> None:
 
     last_linear, forward_dtypes = {}, []
 
-    def remember_dtype(layer, inputs, output):
-        if isinstance(layer, torch.nn.Linear) and layer.training and isinstance(output, torch.Tensor):
+    def remember_dtype(layer, inputs, output):  # trainable layers only: a frozen bf16 base stays bf16 after it
+        if isinstance(layer, torch.nn.Linear) and layer.training and layer.weight.requires_grad \
+                and isinstance(output, torch.Tensor):
             last_linear["dtype"] = str(output.dtype).replace("torch.", "")
 
     def nan_once(loss):
@@ -202,9 +203,10 @@ def check_run(name: str, launched: str, precision: str, workdir: Path, proc) -> 
 
 def reload_run(inputs: dict, workdir: Path) -> dict:
     """The fsdp.yaml run's saved adapter, loaded onto the base with PeftModel.from_pretrained (predict_llava.py)
-    in another launch. After the fallback the run evaluated in fp32, so the reload runs in fp32 too."""
+    in another launch. After the fallback the run evaluated its bf16 base and fp32 LoRA without autocast: so
+    does the reload."""
     return {"script": "llava_predict", "record": str(workdir / "reload.json"),
-            "args": [str(a) for a in ["--model", inputs["model"], "--model_dtype", "fp32", "--mixed_precision", "no",
+            "args": [str(a) for a in ["--model", inputs["model"], "--model_dtype", "bf16", "--mixed_precision", "no",
                                       "--run_dir", workdir / "llava_fsdp", "--data", inputs["data"] / "val.jsonl",
                                       "--output", workdir / "reload_predictions.jsonl", "--num_workers", 1]]}
 
@@ -235,8 +237,8 @@ def training_checks(workdir: Path) -> tuple[list[dict], dict]:
 
 
 def print_training_table(rows: list[dict], reload: dict) -> None:
-    print("\n| run | launch | distributed | precision | fell back at | last layer before -> after | LR after/before "
-          "| test score | s | ok |")
+    print("\n| run | launch | distributed | precision | fell back at | last trainable layer before -> after | "
+          "LR after/before | test score | s | ok |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "fell_back_at" not in r:

@@ -199,13 +199,13 @@ def load_checkpoint(accelerator, path: Path, state: LoopState, objects: dict, cf
     """Restore what save_checkpoint wrote (`resolve_resume` and `check_fits` have passed it) and say so; on another
     number of processes, or the global batch split otherwise, one more line says how it goes on."""
     meta = _meta(path)
-    try:
-        accelerator.load_state(str(path))
-        saved = torch.load(path / LOOP, map_location="cpu", weights_only=True)
+    try:  # the loop's objects first: a guard that fell back turns mixed precision off, and with it the GradScaler
+        saved = torch.load(path / LOOP, map_location="cpu", weights_only=True)  # whose state the checkpoint lacks
         for key, value in saved["train_state"].items():
             setattr(state, key, value)
         for name, obj in objects.items():
             obj.load_state_dict(saved[name])
+        accelerator.load_state(str(path))
     except (OSError, RuntimeError, ValueError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as err:
         raise UserError(f"checkpoint {path} does not fit this run ({type(err).__name__}: {first_line(err)}); resume "
                         f"with the settings it was written with, or start a new run in another --output_dir") from None

@@ -1,5 +1,5 @@
-"""The non-finite guard of both training loops: skip NaN/Inf updates, fall back to fp32 with an LR backoff, stop
-if it persists.
+"""The non-finite guard of both training loops: skip NaN/Inf updates, turn mixed precision off with an LR
+backoff, stop if it persists.
 
 * Every micro-batch's loss and every update's clipped gradient norm are checked on the device, and a
   non-finite update is skipped there, through the `found_inf` tensor that PyTorch's fused optimizers
@@ -9,14 +9,17 @@ if it persists.
 * Under fp16 a GradScaler skip for inf gradients is loss scaling, not an event; a non-finite loss is.
   Under bf16/fp32 both a non-finite loss and a non-finite gradient norm are.
 * `poll()` reads the device counters (one host sync) where the loop syncs anyway, at log intervals. On
-  the first event the run goes on in fp32 for good and the base LR is multiplied by `backoff` (the loop
-  multiplies its schedule by `lr_scale`); after `max_consecutive` non-finite updates in a row in fp32,
-  it raises.
+  the first event mixed precision goes off for good and the base LR is multiplied by `backoff` (the loop
+  multiplies its schedule by `lr_scale`); after `max_consecutive` non-finite updates in a row, it raises.
 
-Turning mixed precision off mid-run takes more than `AutocastKwargs(enabled=False)`: `prepare()`
-wrapped `model.forward` in its own autocast, which would win. `disable_mixed_precision` removes that
-wrapper, turns off `accelerator.autocast()` and the GradScaler, resets FSDP2's mixed-precision policy
-and upcasts half-precision weights and optimizer state.
+The fallback fits the machine the run started on: trainable weights and their optimizer state in fp32, no
+autocast, no loss scaling; a frozen base keeps bf16 (fp32's exponent range, and it does not learn) or fp32,
+and a frozen fp16 base (fp16's range is the usual culprit) goes to bf16 where the device has it natively,
+else to fp32 once it is known to fit. fp32 matmuls may then use TF32 on a GPU (fp32's range; the line
+says so). Turning mixed precision off mid-run takes more than `AutocastKwargs(enabled=False)`:
+`prepare()` wrapped `model.forward` in its own autocast, which would win; `disable_mixed_precision`
+removes that wrapper, turns off `accelerator.autocast()` and the GradScaler, and resets FSDP2's
+mixed-precision policy.
 """
 
 import torch
@@ -30,8 +33,16 @@ def _inner_optimizer(optimizer):
     return getattr(optimizer, "optimizer", optimizer)  # Accelerate's AcceleratedOptimizer wraps the torch one
 
 
-def disable_mixed_precision(accelerator, model) -> None:
-    """Make every later forward and backward of `model` run in fp32, whatever `prepare()` set up."""
+def frozen_fp16_target(device) -> torch.dtype:
+    """What a frozen fp16 base becomes in the fallback: bf16 where the device has it natively, else fp32."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float32
+    return torch.bfloat16
+
+
+def disable_mixed_precision(accelerator, model) -> str:
+    """No more autocast or loss scaling for `model`, whatever `prepare()` set up: trainable weights and optimizer
+    state in fp32, a frozen base as the module docstring says. Returns the dtypes now in use, for the line."""
     unwrapped = accelerator.unwrap_model(model, keep_fp32_wrapper=True)
     # prepare() stored the original bound forward and put an autocast-wrapped one in the instance dict;
     # dropping both makes attribute lookup find the class's plain forward again.
@@ -41,34 +52,56 @@ def disable_mixed_precision(accelerator, model) -> None:
     accelerator.scaler = None  # accelerator.backward() stops scaling the loss
     for opt in accelerator._optimizers:
         opt.scaler = None  # AcceleratedOptimizer.step() stops going through the scaler
+    half = (torch.float16, torch.bfloat16)
+    frozen_fp16 = frozen_fp16_target(accelerator.device)
+    targets = {}  # tensor -> the dtype it becomes
+    for tensor in [*unwrapped.parameters(), *unwrapped.buffers()]:
+        trainable = isinstance(tensor, torch.nn.Parameter) and tensor.requires_grad
+        if tensor.dtype in half and (trainable or tensor.dtype == torch.float16):
+            targets[tensor] = torch.float32 if trainable else frozen_fp16
+    fsdp2 = any(isinstance(module, FSDPModule) for module in unwrapped.modules())
+    if fsdp2 and targets:  # FSDP2 converts whole units only (its Module._apply re-registers the shards)
+        targets = {tensor: torch.float32 for tensor in unwrapped.parameters() if tensor.dtype in half}
+    _check_it_fits(accelerator.device, targets)
     with torch.no_grad():
-        if any(isinstance(module, FSDPModule) for module in unwrapped.modules()):
-            # FSDP2 keeps its own reference to each shard's storage; its Module._apply override (behind .to())
-            # re-registers the converted shards, where swapping .data below would leave it gathering the old ones.
+        if fsdp2 and targets:
             unwrapped.to(torch.float32)
-        else:  # .data in place: the tensors stay the same objects, which DDP's buffer list and the optimizer hold
-            for tensor in list(unwrapped.parameters()) + list(unwrapped.buffers()):
-                if tensor.dtype in (torch.float16, torch.bfloat16):
-                    tensor.data = tensor.data.float()
+        for tensor, dtype in targets.items() if not fsdp2 else ():
+            tensor.data = tensor.data.to(dtype)  # in place: DDP's buffer list and the optimizer hold these objects
         for opt in accelerator._optimizers:
             for state in _inner_optimizer(opt).state.values():
                 for key, value in state.items():
-                    if torch.is_tensor(value) and value.dtype in (torch.float16, torch.bfloat16):
+                    if torch.is_tensor(value) and value.dtype in half:
                         state[key] = value.float()
-    _fsdp2_compute_in_fp32(unwrapped)  # after the upcast: FSDP2 derives its dtypes from the shards'
+    _fsdp2_without_mixed_precision(unwrapped)  # after the conversion: FSDP2 derives its dtypes from the shards'
+    if accelerator.device.type == "cuda" and torch.cuda.get_device_capability(accelerator.device) >= (8, 0):
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32's range, tensor-core speed
+    kept = sorted({str(p.dtype).removeprefix("torch.") for p in unwrapped.parameters() if not p.requires_grad})
+    tf32 = ", TF32 matmuls" if torch.backends.cuda.matmul.allow_tf32 and accelerator.device.type == "cuda" else ""
+    return f"trainable weights fp32{', frozen ' + '/'.join(kept) if kept else ''}{tf32}"
 
 
-def _fsdp2_compute_in_fp32(model) -> None:
+def _check_it_fits(device, targets: dict) -> None:
+    """On a GPU, the fallback's larger copies must fit in what is free, or the run stops with one line."""
+    extra = sum(t.numel() * (torch.finfo(dtype).bits - torch.finfo(t.dtype).bits) // 8 for t, dtype in targets.items())
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    if free is not None and extra > free:
+        raise NonFiniteTrainingError(f"after a non-finite update the weights would need {extra / 2**30:.1f} GiB "
+                                     f"more in fp32, {free / 2**30:.1f} GiB are free; load the base with "
+                                     f"--model_dtype bf16 (or fp32), then resume from the last checkpoint")
+
+
+def _fsdp2_without_mixed_precision(model) -> None:
     """FSDP2 casts parameters to its mixed-precision policy's dtype before every forward. torch has no public
     setter for it after `fully_shard`: this resets it where FSDP2 keeps it (each module's state and parameter
-    group), loudly failing if a torch version keeps it elsewhere (a test checks the forward runs in fp32)."""
+    group), loudly failing if a torch version keeps it elsewhere (a test checks the forward's dtypes)."""
     for module in model.modules():
         if not isinstance(module, FSDPModule):
             continue
         state = module._get_fsdp_state()
         if not hasattr(state, "_mp_policy") or not hasattr(state, "_fsdp_param_group"):
             raise RuntimeError("this torch keeps FSDP2's mixed-precision policy elsewhere; common/guard.py cannot "
-                               "switch it to fp32 (update _fsdp2_compute_in_fp32)")
+                               "turn it off (update _fsdp2_without_mixed_precision)")
         module.reshard()  # the unsharded copies (in the old dtype) are dropped; the shards keep theirs
         state._mp_policy = MixedPrecisionPolicy()
         group = state._fsdp_param_group
@@ -136,10 +169,10 @@ class NonFiniteGuard:
         if self.fallback_step is None:
             self.fallback_step = step
             self.lr_scale *= self.backoff
-            disable_mixed_precision(self.accelerator, self.model)
-            self.nonfinite_in_a_row.zero_()  # count the fp32 streak from here
-            self.accelerator.print(f"step {step}: non-finite loss/gradients; continuing in fp32 with the base LR "
-                                   f"x{self.lr_scale:g}")
+            dtypes = disable_mixed_precision(self.accelerator, self.model)
+            self.nonfinite_in_a_row.zero_()  # count the streak without mixed precision from here
+            self.accelerator.print(f"step {step}: non-finite loss/gradients; continuing without mixed precision "
+                                   f"({dtypes}) with the base LR x{self.lr_scale:g}")
             return True
         if in_a_row >= self.max_consecutive:
             raise NonFiniteTrainingError(f"{in_a_row} consecutive non-finite updates in fp32 (at step {step}) after "

@@ -312,18 +312,21 @@ from common.distributed import use_fsdp_on_cpu
 accelerator = Accelerator(cpu=True, mixed_precision="bf16")
 use_fsdp_on_cpu(accelerator)  # under fsdp.yaml: Accelerate's FSDP2 path, as the training scripts take it
 full = lambda p: p.full_tensor() if hasattr(p, "full_tensor") else p  # noqa: E731 (a DTensor shard -> the whole)
+class ToFloat(torch.nn.Module):
+    def forward(self, x):  # what peft does between a frozen bf16 layer and an fp32 LoRA one
+        return x.float()
 torch.manual_seed(0)
-model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+model = torch.nn.Sequential(torch.nn.Linear(4, 8), ToFloat(), torch.nn.ReLU(), torch.nn.Linear(8, 1))
 model[0].requires_grad_(False).to(torch.bfloat16)  # a frozen bf16 base, as LLaVA's under LoRA
 optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01, fused=True)
 model, optimizer = accelerator.prepare(model, optimizer)
 guard = NonFiniteGuard(accelerator, model, optimizer)
 dtypes = []
-accelerator.unwrap_model(model)[0].register_forward_hook(lambda m, i, o: dtypes.append(str(o.dtype)))
+accelerator.unwrap_model(model)[3].register_forward_hook(lambda m, i, o: dtypes.append(str(o.dtype)))
 report = []
 for step in range(1, 4):
     with accelerator.autocast():
-        loss = model(torch.randn(8, 4)).float().pow(2).mean()
+        loss = model(torch.randn(8, 4, dtype=torch.bfloat16)).float().pow(2).mean()
     if step == 2 and accelerator.process_index == 1:
         loss = loss * float("nan")  # only rank 1 sees a NaN
     accelerator.backward(loss)  # (FSDP2: the root module holds unsharded, bf16 compute copies until its backward)
@@ -344,9 +347,9 @@ with open(sys.argv[1] + f"/rank{accelerator.process_index}.json", "w") as f:
 
 @pytest.mark.parametrize("launch_config", ["ddp", "fsdp"])
 def test_a_nan_on_one_rank_makes_every_rank_skip_and_fall_back_together(tmp_path, launch_config):
-    """The frozen bf16 layer must be upcast for the fp32 forward after the fallback. Under FSDP2 that goes through
-    FSDP's own conversion (it keeps references to the shards' storage), and FSDP's own mixed-precision policy must be
-    reset too, or the forward stays bf16."""
+    """After the fallback the trainable layer computes in fp32 and the frozen bf16 one stays bf16 (fp32's range, and
+    it does not learn: a 7B base would double its memory for nothing). Under FSDP2, FSDP's own mixed-precision policy
+    must be reset too, or the trainable layer would still compute in bf16."""
     script = tmp_path / "guard.py"
     script.write_text(GUARD_SCRIPT)
     run([*launch(), "--config_file", f"accelerate_configs/{launch_config}.yaml", str(script), str(tmp_path)])
@@ -357,7 +360,7 @@ def test_a_nan_on_one_rank_makes_every_rank_skip_and_fall_back_together(tmp_path
     assert [r["changed"] for r in rank0["report"]] == [True, False, True]  # the NaN update skipped everywhere
     assert [r["fell_back"] for r in rank0["report"]] == [False, True, False]
     assert [r["dtype"] for r in rank0["report"]] == ["torch.bfloat16", "torch.bfloat16", "torch.float32"]
-    assert [r["frozen_dtype"] for r in rank0["report"]] == ["torch.bfloat16", "torch.float32", "torch.float32"]
+    assert [r["frozen_dtype"] for r in rank0["report"]] == ["torch.bfloat16", "torch.bfloat16", "torch.bfloat16"]
     assert rank0["lr_scale"] == 0.5
 
 
@@ -521,3 +524,43 @@ def test_llava_a_corrupt_image_seen_by_one_rank_stops_every_rank(tmp_path, llava
     assert proc.returncode != 0
     assert "error: cannot read image" in proc.stderr and "corrupt.jpg" in proc.stderr
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+UNITS_SCRIPT = '''
+import json, os, sys
+import train_llava
+from torch.distributed.fsdp import FSDPModule
+real_train = train_llava.train
+def train(cfg, accelerator, model, *rest):  # the prepared model: is each decoder block its own FSDP2 unit?
+    layers = accelerator.unwrap_model(model).get_decoder().layers
+    if accelerator.is_main_process:
+        with open(sys.argv[1], "w") as f:
+            json.dump({"block": type(layers[0]).__name__, "units": [isinstance(m, FSDPModule) for m in layers]}, f)
+    return real_train(cfg, accelerator, model, *rest)
+train_llava.train = train
+train_llava.main(sys.argv[2:])
+os._exit(0)
+'''
+
+
+def test_fsdp2_shards_a_mistral_language_model_block_by_block_and_it_trains_and_resumes(tmp_path, llava_inputs):
+    """fsdp.yaml names no block classes: each block of the model's own _no_split_modules is a unit, whatever the
+    family (a Mistral language model here, where a list of Llama and CLIP classes would have left it one unit)."""
+    from tools.make_tiny_llava import build_tiny_llava
+
+    _, data = llava_inputs
+    model = build_tiny_llava(tmp_path / "mistral", text_model="mistral")
+    script = tmp_path / "units.py"
+    script.write_text(UNITS_SCRIPT)
+    out = tmp_path / "run"
+    args = llava_args(model, data, "--batch_size", 4, "--checkpoint_every", 1, "--mixed_precision", "no",
+                      "--output_dir", out)
+    run([*launch(), "--config_file", "accelerate_configs/fsdp.yaml", str(script), str(tmp_path / "units.json"),
+         *args, "--max_steps", "2"])
+    units = json.loads((tmp_path / "units.json").read_text())  # fully_shard makes a unit's class FSDP<its class>
+    assert units == {"block": "FSDPMistralDecoderLayer", "units": [True, True]}
+    resumed = run([*launch(), "--config_file", "accelerate_configs/fsdp.yaml", "train_llava.py", *args,
+                   "--max_steps", "4", "--resume_from", "latest"])
+    assert "resumed from" in resumed.stdout and "step 2" in resumed.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert (results["distributed_type"], results["optimizer_steps"]) == ("FSDP", 4)

@@ -459,20 +459,21 @@ def test_reloaded_adapter_reproduces_predictions_exactly(trained_run, tiny_model
 
 
 def test_guard_falls_back_to_fp32_with_lr_backoff(tiny_model, screenshots, tmp_path, monkeypatch):
-    """A NaN loss at update 3 under bf16: that update is skipped, the run continues in fp32 with half the LR."""
+    """A NaN loss at update 3 under bf16: that update is skipped, the run continues without autocast with half the
+    LR: the LoRA weights compute in fp32, the frozen bf16 base stays bf16 (fp32's range, and it does not learn)."""
     from safetensors.torch import load_file
 
-    seen = []  # (training?, dtype the vocabulary projection computed in, dtype of its frozen weight) per forward
+    seen = []  # (training?, dtype the last LoRA layer computed in, dtype of the frozen lm_head) per forward
     real_answer_logits = train_llava.answer_logits
 
     def answer_logits_with_a_nan(model, inputs, answer_ids):
-        # Accelerate converts the model's outputs to fp32: look inside, at the lm_head's own output.
-        lm_head = model.base_model.model.lm_head
+        # Accelerate converts the model's outputs to fp32: look inside, at the last LoRA layer's own output.
+        lora = [m for name, m in model.named_modules() if name.endswith("lora_B.default")][-1]
         computed = []
-        hook = lm_head.register_forward_hook(lambda module, args, output: computed.append(output.dtype))
+        hook = lora.register_forward_hook(lambda module, args, output: computed.append(output.dtype))
         logits = real_answer_logits(model, inputs, answer_ids)
         hook.remove()
-        seen.append((model.training, computed[0], lm_head.weight.dtype))
+        seen.append((model.training, computed[0], model.base_model.model.lm_head.weight.dtype))
         if model.training and sum(t for t, _, _ in seen) == 3:
             logits = logits * float("nan")
         return logits
@@ -487,7 +488,7 @@ def test_guard_falls_back_to_fp32_with_lr_backoff(tiny_model, screenshots, tmp_p
                        "--log_every", 1, "--checkpoint_every", 4, "--num_workers", 0)
 
     training = [(dtype, weight) for is_training, dtype, weight in seen if is_training]
-    assert training == [(torch.bfloat16, torch.bfloat16)] * 3 + [(torch.float32, torch.float32)]
+    assert training == [(torch.bfloat16, torch.bfloat16)] * 3 + [(torch.float32, torch.bfloat16)]
     assert results["fell_back_to_fp32_at_step"] == 3
     optimizer = torch.load(output_dir / "checkpoints/step_00000004/optimizer.bin", weights_only=True)
     assert {float(s["step"]) for s in optimizer["state"].values()} == {3.0}  # 4 updates, the NaN one skipped
@@ -823,3 +824,45 @@ def test_every_file_a_run_and_its_prediction_write_follows_the_umask(tiny_model,
     assert (out / "predictions.jsonl") in files
     modes = {str(p.relative_to(out)): oct(p.stat().st_mode & 0o777) for p in files}
     assert {name: mode for name, mode in modes.items() if mode != "0o664"} == {}
+
+
+def test_the_base_dtype_follows_fp16_autocast_and_native_bf16(monkeypatch):
+    """--mixed_precision fp16 with a bf16 base would cast every frozen weight to fp16 at every op (and keep the
+    copies for backward): the base is loaded in fp16. bf16 only where the GPU has it natively, not emulated (a V100
+    or T4 reports emulation as support)."""
+    assert train_llava.base_dtype(None, "fp16") == torch.float16
+    assert train_llava.base_dtype("bf16", "fp16") == torch.bfloat16  # --model_dtype wins
+    assert train_llava.base_dtype(None, "bf16") == torch.float32  # no GPU here
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert train_llava.base_dtype(None, "bf16") == torch.float32  # emulated only: fp32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert train_llava.base_dtype(None, "no") == torch.bfloat16
+
+
+def test_fsdp2_wraps_the_blocks_of_any_family_and_refuses_a_language_model_it_would_gather_whole(tmp_path,
+                                                                                                monkeypatch):
+    """The launch config's classes and the model's own (and its parts') _no_split_modules, those the model has;
+    a language model whose blocks are in neither would be one FSDP2 unit, gathered whole: refused in one line."""
+    from types import SimpleNamespace
+
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    def fsdp2(names=None):
+        plugin = SimpleNamespace(auto_wrap_policy=transformer_auto_wrap_policy, transformer_cls_names_to_wrap=names)
+        return SimpleNamespace(is_fsdp2=True, state=SimpleNamespace(fsdp_plugin=plugin))
+
+    for text_model, block in (("llama", "LlamaDecoderLayer"), ("qwen2", "Qwen2DecoderLayer")):
+        model, _ = load_base_and_processor(build_tiny_llava(tmp_path / text_model, text_model=text_model),
+                                           torch.float32)
+        accelerator = fsdp2(["NotInThisModel"])
+        train_llava.fit_fsdp_wrapping(accelerator, model)
+        assert accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap == sorted(
+            {block, "CLIPEncoderLayer", "CLIPVisionEmbeddings"})
+    for module in model.modules():  # a model that names none of its blocks
+        if getattr(module, "_no_split_modules", None):
+            monkeypatch.setattr(module, "_no_split_modules", [])
+    with pytest.raises(UserError, match=r"^FSDP2 would gather the whole language model at once: its blocks "
+                                        r"\(Qwen2DecoderLayer\) are not in its _no_split_modules; name them"):
+        train_llava.fit_fsdp_wrapping(fsdp2(), model)
+    train_llava.fit_fsdp_wrapping(fsdp2(["Qwen2DecoderLayer"]), model)  # named in the launch config: accepted

@@ -87,8 +87,9 @@ def build_tokenizer(family: str = "llava") -> PreTrainedTokenizerFast:
 
 
 def build_tiny_llava(output_dir: str | Path, image_size: int | None = None, patch_size: int | None = None,
-                     seed: int = 0, family: str = "llava") -> Path:
-    """Write a tiny random model of `family` and its processor to `output_dir`; returns the folder."""
+                     seed: int = 0, family: str = "llava", text_model: str = "llama") -> Path:
+    """Write a tiny random model of `family` and its processor to `output_dir`; returns the folder. Its language
+    model is a Llama, or with `text_model` a Mistral or a Qwen2 of the same size (other decoder blocks)."""
     output_dir = Path(output_dir)
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):  # never overwrite a real model
         raise FileExistsError(f"{output_dir} is not an empty folder; "
@@ -97,6 +98,12 @@ def build_tiny_llava(output_dir: str | Path, image_size: int | None = None, patc
     tokenizer = build_tokenizer(family)
     model_class, config, processor = {"llava": tiny_llava, "llava_next": tiny_llava_next,
                                       "idefics3": tiny_idefics3}[family](tokenizer, image_size, patch_size)
+    if text_model != "llama":  # the same sizes in another decoder family
+        from transformers import MistralConfig, Qwen2Config
+
+        text_class = {"mistral": MistralConfig, "qwen2": Qwen2Config}[text_model]
+        config.text_config = text_class(**{k: v for k, v in tiny_llama(tokenizer).to_dict().items()
+                                           if k not in ("model_type", "architectures")})
     with torch.random.fork_rng():  # random weights from `seed`, without touching the caller's random state
         torch.manual_seed(seed)
         model = model_class(config).eval()
@@ -193,10 +200,13 @@ if __name__ == "__main__":
                         "default 64 for llava, 32 for the others)")
     parser.add_argument("--patch_size", type=int, default=None, help="vision patch size (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    parser.add_argument("--text_model", default="llama", choices=["llama", "mistral", "qwen2"],
+                        help="the language model's family")
     args = parser.parse_args()
     output_dir = args.output_dir or f"runs/tiny_{args.family}"
     try:
-        built = build_tiny_llava(output_dir, args.image_size, args.patch_size, args.seed, family=args.family)
+        built = build_tiny_llava(output_dir, args.image_size, args.patch_size, args.seed, family=args.family,
+                                 text_model=args.text_model)
         print(f"tiny {args.family} saved to {built}")
     except FileExistsError as err:
         sys.exit(print(f"error: {err}; pick a new --output_dir", file=sys.stderr) or 2)
